@@ -1,0 +1,338 @@
+//! The endpoint's configuration, lowest to highest precedence: the profile baked into the
+//! image, `VIAL_*` environment variables, command-line flags. This module owns reading and
+//! validating all three; it never touches the kernel or starts a process.
+//!
+//! One mechanism applies every override: each setting is written into the profile's raw
+//! fields *before* validation, and a problem found in an overridden field is reported under
+//! the name the user typed (`VIAL_MEMORY`, `--accel`), not the profile field.
+
+pub mod profile;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use profile::{AccelChoice, Forward, Plumbing, Probe, Profile, ProfileFile, Protocol};
+
+/// One thing wrong with the configuration: where, what, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The profile field, environment variable or flag.
+    pub field: String,
+    /// The bad value as given.
+    pub value: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: bad value {:?}: {}", self.field, self.value, self.fix)
+    }
+}
+
+/// Every problem found, each printed on its own line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "config: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A setting that can come from the environment or a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// Path of the profile.
+    Profile,
+    /// `auto|kvm|tcg`.
+    Accel,
+    /// Guest memory.
+    Memory,
+    /// vCPUs.
+    Vcpus,
+    /// Stop timeout.
+    StopTimeout,
+    /// Guest egress through the container.
+    Egress,
+    /// The lesson directory.
+    LessonDir,
+    /// Where the sockets go.
+    RunDir,
+    /// Where disk overlays go.
+    StateDir,
+    /// The management interface.
+    MgmtIface,
+    /// Expected data links.
+    DataIfaces,
+    /// Data plane mode.
+    Plumbing,
+    /// QEMU binary.
+    Qemu,
+    /// Extra QEMU arguments (whitespace-separated).
+    QemuArgs,
+    /// The endpoint's name (MAC addresses derive from it).
+    Name,
+}
+
+/// Each key with its environment variable and its flag.
+pub const KEYS: &[(Key, &str, &str)] = &[
+    (Key::Profile, "VIAL_PROFILE", "--profile"),
+    (Key::Accel, "VIAL_ACCEL", "--accel"),
+    (Key::Memory, "VIAL_MEMORY", "--memory"),
+    (Key::Vcpus, "VIAL_VCPUS", "--vcpus"),
+    (Key::StopTimeout, "VIAL_STOP_TIMEOUT", "--stop-timeout"),
+    (Key::Egress, "VIAL_EGRESS", "--egress"),
+    (Key::LessonDir, "VIAL_LESSON_DIR", "--lesson-dir"),
+    (Key::RunDir, "VIAL_RUN_DIR", "--run-dir"),
+    (Key::StateDir, "VIAL_STATE_DIR", "--state-dir"),
+    (Key::MgmtIface, "VIAL_MGMT_IFACE", "--mgmt-iface"),
+    (Key::DataIfaces, "VIAL_DATA_IFACES", "--data-ifaces"),
+    (Key::Plumbing, "VIAL_PLUMBING", "--plumbing"),
+    (Key::Qemu, "VIAL_QEMU", "--qemu"),
+    (Key::QemuArgs, "VIAL_QEMU_ARGS", "--qemu-args"),
+    (Key::Name, "VIAL_NAME", "--name"),
+];
+
+/// `VIAL_*` variables that are read elsewhere and are not settings.
+const OTHER_VARS: &[&str] = &["VIAL_LOG"];
+
+/// The default profile location inside an endpoint image.
+pub const DEFAULT_PROFILE: &str = "/etc/vial/profile.toml";
+
+/// Settings from the environment and flags, each remembering where it came from.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    entries: Vec<(Key, String, String)>,
+}
+
+impl Overrides {
+    /// Reads the `VIAL_*` variables (and containerlab's `CLAB_INTFS`) from `vars`. An unknown
+    /// `VIAL_*` variable is a problem: a typo must not be silently ignored.
+    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Overrides, Vec<Problem>> {
+        let mut overrides = Overrides::default();
+        let mut problems = Vec::new();
+        let mut clab_intfs = None;
+        for (name, value) in vars {
+            if name == "CLAB_INTFS" {
+                clab_intfs = Some(value);
+                continue;
+            }
+            if !name.starts_with("VIAL_") || OTHER_VARS.contains(&name.as_str()) {
+                continue;
+            }
+            match KEYS.iter().find(|(_, env, _)| *env == name) {
+                Some((key, _, _)) => overrides.entries.push((*key, value, name)),
+                None => problems.push(Problem {
+                    field: name,
+                    value,
+                    fix: format!(
+                        "not a vial setting; known: {}",
+                        KEYS.iter().map(|(_, env, _)| *env).chain(OTHER_VARS.iter().copied()).collect::<Vec<_>>().join(", ")
+                    ),
+                }),
+            }
+        }
+        // containerlab tells the node how many data interfaces it will get; VIAL_DATA_IFACES wins.
+        if let Some(value) = clab_intfs {
+            if overrides.get(Key::DataIfaces).is_none() {
+                overrides.entries.push((Key::DataIfaces, value, "CLAB_INTFS".into()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(overrides)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Sets `key` from its command-line flag (flags win over the environment).
+    pub fn set_flag(&mut self, key: Key, value: String) {
+        let flag = KEYS.iter().find(|(k, _, _)| *k == key).map(|(_, _, flag)| *flag).unwrap_or("flag");
+        self.entries.retain(|(k, _, _)| *k != key);
+        self.entries.push((key, value, flag.to_string()));
+    }
+
+    /// The value for `key` and where it came from.
+    pub fn get(&self, key: Key) -> Option<(&str, &str)> {
+        self.entries.iter().rev().find(|(k, _, _)| *k == key).map(|(_, value, source)| (value.as_str(), source.as_str()))
+    }
+}
+
+/// The whole validated configuration of one `vial run`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The profile with overrides applied.
+    pub profile: Profile,
+    /// Where it was read from.
+    pub profile_path: PathBuf,
+    /// Sockets and console log (`/run/vial`).
+    pub run_dir: PathBuf,
+    /// Disk overlays (`/var/lib/vial`).
+    pub state_dir: PathBuf,
+    /// The management interface (`eth0`).
+    pub mgmt_iface: String,
+    /// The endpoint's name.
+    pub name: String,
+    /// Extra QEMU arguments from `VIAL_QEMU_ARGS`.
+    pub qemu_args: Vec<String>,
+}
+
+impl Config {
+    /// Loads the profile named by the overrides (or the default), applies the overrides and
+    /// validates everything, returning every problem at once.
+    pub fn load(overrides: &Overrides, hostname: &str) -> Result<Config, ConfigError> {
+        let profile_path = PathBuf::from(overrides.get(Key::Profile).map(|(v, _)| v).unwrap_or(DEFAULT_PROFILE));
+        let file = ProfileFile::load(&profile_path).map_err(|problem| ConfigError(vec![problem]))?;
+        let config = Self::from_file(file, profile_path, overrides, hostname)?;
+        let missing = config.profile.missing_files();
+        if missing.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError(missing))
+        }
+    }
+
+    /// As [`Config::load`], from an already parsed profile, without checking that the files
+    /// it names exist (so profiles can be checked away from the image).
+    pub fn from_file(mut file: ProfileFile, profile_path: PathBuf, overrides: &Overrides, hostname: &str) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        // Relative asset paths belong to the profile's bundle: resolve them against its folder.
+        let base = profile_path.parent().map(PathBuf::from).unwrap_or_default();
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        if let Some(boot) = &mut file.boot {
+            resolve(&mut boot.kernel);
+            if let Some(initrd) = &mut boot.initrd {
+                resolve(initrd);
+            }
+        }
+        for disk in &mut file.disks {
+            resolve(&mut disk.path);
+        }
+        // Which profile field each override replaced, so problems name the override.
+        let mut renamed: Vec<(&str, String)> = Vec::new();
+        let mut apply = |key: Key, field: &'static str, file: &mut ProfileFile, problems: &mut Vec<Problem>| {
+            let Some((value, source)) = overrides.get(key) else { return };
+            renamed.push((field, format!("{source} (overrides {field})")));
+            let value = value.to_string();
+            match key {
+                Key::Accel => file.machine.accel = value,
+                Key::Memory => file.machine.memory = value,
+                Key::Qemu => file.machine.qemu = value,
+                Key::StopTimeout => file.stop.timeout = value,
+                Key::Plumbing => file.network.plumbing = value,
+                Key::LessonDir => file.share.path = PathBuf::from(value),
+                Key::Vcpus => match value.parse() {
+                    Ok(n) => file.machine.vcpus = n,
+                    Err(_) => problems.push(Problem { field: source.into(), value, fix: "give a number from 1 to 64".into() }),
+                },
+                Key::DataIfaces => match value.parse() {
+                    Ok(n) => file.network.data_nics = n,
+                    Err(_) => problems.push(Problem { field: source.into(), value, fix: "give the number of data links, e.g. 2".into() }),
+                },
+                Key::Egress => match parse_bool(&value) {
+                    Some(b) => file.network.egress = b,
+                    None => problems.push(Problem { field: source.into(), value, fix: "use on or off".into() }),
+                },
+                _ => {}
+            }
+        };
+        apply(Key::Accel, "machine.accel", &mut file, &mut problems);
+        apply(Key::Memory, "machine.memory", &mut file, &mut problems);
+        apply(Key::Qemu, "machine.qemu", &mut file, &mut problems);
+        apply(Key::Vcpus, "machine.vcpus", &mut file, &mut problems);
+        apply(Key::StopTimeout, "stop.timeout", &mut file, &mut problems);
+        apply(Key::Plumbing, "network.plumbing", &mut file, &mut problems);
+        apply(Key::DataIfaces, "network.data_nics", &mut file, &mut problems);
+        apply(Key::Egress, "network.egress", &mut file, &mut problems);
+        apply(Key::LessonDir, "share.path", &mut file, &mut problems);
+
+        let profile = match file.validate() {
+            Ok(profile) => Some(profile),
+            Err(found) => {
+                problems.extend(found);
+                None
+            }
+        };
+        for problem in &mut problems {
+            if let Some((_, name)) = renamed.iter().find(|(field, _)| *field == problem.field) {
+                problem.field = name.clone();
+            }
+        }
+
+        let path_setting = |key: Key, default: &str, problems: &mut Vec<Problem>| {
+            let (value, source) = overrides.get(key).unwrap_or((default, "default"));
+            let path = PathBuf::from(value);
+            if !path.is_absolute() {
+                problems.push(Problem { field: source.into(), value: value.into(), fix: "give an absolute path".into() });
+            }
+            path
+        };
+        let run_dir = path_setting(Key::RunDir, "/run/vial", &mut problems);
+        let state_dir = path_setting(Key::StateDir, "/var/lib/vial", &mut problems);
+        let mgmt_iface = overrides.get(Key::MgmtIface).map(|(v, _)| v).unwrap_or("eth0").to_string();
+        if mgmt_iface.is_empty() || mgmt_iface.len() > 15 || mgmt_iface.contains(['/', ' ']) {
+            problems.push(Problem { field: "VIAL_MGMT_IFACE".into(), value: mgmt_iface.clone(), fix: "give an interface name of 1 to 15 characters".into() });
+        }
+        let name = overrides.get(Key::Name).map(|(v, _)| v).unwrap_or(hostname).to_string();
+        let qemu_args = overrides.get(Key::QemuArgs).map(|(v, _)| v.split_whitespace().map(String::from).collect()).unwrap_or_default();
+
+        match profile {
+            Some(profile) if problems.is_empty() => Ok(Config { profile, profile_path, run_dir, state_dir, mgmt_iface, name, qemu_args }),
+            _ => Err(ConfigError(problems)),
+        }
+    }
+}
+
+/// Parses a size such as `512M`, `2G`, `2GiB`, `1024` (MiB) into MiB.
+pub fn parse_memory_mib(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" => 1024 * 1024,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+/// Parses a duration such as `250ms`, `8s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => Some(Duration::from_secs(number)),
+        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(number.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+fn parse_bool(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Some(true),
+        "0" | "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,148 @@
+use super::*;
+use std::path::Path;
+
+fn repo_profile(name: &str) -> (ProfileFile, PathBuf) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-profiles").join(format!("{name}.toml"));
+    (ProfileFile::load(&path).unwrap(), path)
+}
+
+fn env(pairs: &[(&str, &str)]) -> Overrides {
+    Overrides::from_env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+}
+
+#[test]
+fn every_repo_profile_parses_and_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-profiles");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let file = ProfileFile::load(&path).unwrap_or_else(|p| panic!("{}: {p}", path.display()));
+            file.validate().unwrap_or_else(|p| panic!("{}: {p:?}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "expected the linux, cumulus and vqfx profiles");
+}
+
+#[test]
+fn unknown_field_is_one_line_naming_field_and_line() {
+    let text = "name = \"x\"\n[machine]\nmemory = \"1G\"\nmemroy = \"2G\"\n[readiness]\nprobe = \"serial\"\npattern = \"login:\"\n";
+    let problem = ProfileFile::parse(text, "p.toml").unwrap_err();
+    let line = problem.to_string();
+    assert!(!line.contains('\n'), "{line}");
+    assert!(line.contains("p.toml:4"), "{line}");
+    assert!(line.contains("memroy"), "{line}");
+    assert!(line.contains("correct or remove"), "{line}");
+}
+
+#[test]
+fn bad_memory_size_names_field_value_and_fix() {
+    let (mut file, _) = repo_profile("linux");
+    file.machine.memory = "lots".into();
+    let problems = file.validate().unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].field, "machine.memory");
+    assert_eq!(problems[0].value, "lots");
+    assert!(problems[0].fix.contains("512M"));
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let (mut file, _) = repo_profile("linux");
+    file.machine.memory = "0".into();
+    file.machine.accel = "fast".into();
+    file.network.plumbing = "wire".into();
+    file.readiness.port = Some(9999);
+    let fields: Vec<String> = file.validate().unwrap_err().into_iter().map(|p| p.field).collect();
+    assert_eq!(fields, ["machine.memory", "machine.accel", "network.plumbing", "readiness.port"]);
+}
+
+#[test]
+fn missing_disk_is_reported_with_its_path() {
+    let (mut file, path) = repo_profile("cumulus");
+    file.disks[0].path = "/nonexistent/cvx.qcow2".into();
+    let config = Config::from_file(file, path, &Overrides::default(), "cvx1").unwrap();
+    let text = ConfigError(config.profile.missing_files()).to_string();
+    assert!(text.contains("disks[0].path") && text.contains("/nonexistent/cvx.qcow2") && text.contains("missing"), "{text}");
+}
+
+#[test]
+fn relative_assets_resolve_against_the_profile_folder() {
+    let dir = std::env::temp_dir().join(format!("vial-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("guest")).unwrap();
+    std::fs::write(dir.join("guest/vmlinuz"), b"k").unwrap();
+    std::fs::write(dir.join("guest/initrd.img"), b"i").unwrap();
+    let (file, _) = repo_profile("linux");
+    let config = Config::from_file(file, dir.join("profile.toml"), &Overrides::default(), "h").unwrap();
+    assert!(config.profile.missing_files().is_empty());
+    assert_eq!(config.profile.boot.unwrap().kernel, dir.join("guest/vmlinuz"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn env_overrides_apply_and_problems_name_the_variable() {
+    let (file, _) = repo_profile("linux");
+    let overrides = env(&[("VIAL_MEMORY", "512M"), ("VIAL_ACCEL", "tcg"), ("VIAL_STOP_TIMEOUT", "3s"), ("VIAL_EGRESS", "on")]);
+    let profile = file.clone().validate_with(&overrides).unwrap();
+    assert_eq!(profile.memory_mib, 512);
+    assert_eq!(profile.accel, AccelChoice::Tcg);
+    assert_eq!(profile.stop_timeout, Duration::from_secs(3));
+    assert!(profile.egress);
+
+    let overrides = env(&[("VIAL_MEMORY", "huge"), ("VIAL_EGRESS", "maybe"), ("VIAL_VCPUS", "two")]);
+    let err = file.validate_with(&overrides).unwrap_err();
+    let fields: Vec<&str> = err.0.iter().map(|p| p.field.as_str()).collect();
+    assert!(fields.contains(&"VIAL_MEMORY (overrides machine.memory)"), "{fields:?}");
+    assert!(fields.contains(&"VIAL_EGRESS"), "{fields:?}");
+    assert!(fields.contains(&"VIAL_VCPUS"), "{fields:?}");
+}
+
+#[test]
+fn flags_win_over_environment() {
+    let mut overrides = env(&[("VIAL_ACCEL", "kvm")]);
+    overrides.set_flag(Key::Accel, "tcg".into());
+    assert_eq!(overrides.get(Key::Accel), Some(("tcg", "--accel")));
+}
+
+#[test]
+fn unknown_vial_variable_is_refused() {
+    let problems = Overrides::from_env([("VIAL_MEMROY".to_string(), "1G".to_string())]).unwrap_err();
+    assert_eq!(problems[0].field, "VIAL_MEMROY");
+    assert!(problems[0].fix.contains("VIAL_MEMORY"));
+    // Other programs' variables are none of vial's business.
+    assert!(Overrides::from_env([("PATH".to_string(), "/bin".to_string()), ("VIAL_LOG".to_string(), "debug".to_string())]).is_ok());
+}
+
+#[test]
+fn clab_intfs_sets_data_links_unless_vial_data_ifaces_does() {
+    assert_eq!(env(&[("CLAB_INTFS", "4")]).get(Key::DataIfaces), Some(("4", "CLAB_INTFS")));
+    assert_eq!(env(&[("CLAB_INTFS", "4"), ("VIAL_DATA_IFACES", "2")]).get(Key::DataIfaces), Some(("2", "VIAL_DATA_IFACES")));
+}
+
+#[test]
+fn relative_run_dir_is_refused() {
+    let (file, _) = repo_profile("linux");
+    let err = file.validate_with(&env(&[("VIAL_RUN_DIR", "run")])).unwrap_err();
+    assert_eq!(err.0[0].field, "VIAL_RUN_DIR");
+}
+
+#[test]
+fn sizes_and_durations() {
+    assert_eq!(parse_memory_mib("512M"), Some(512));
+    assert_eq!(parse_memory_mib("2G"), Some(2048));
+    assert_eq!(parse_memory_mib("2GiB"), Some(2048));
+    assert_eq!(parse_memory_mib("1024"), Some(1024));
+    assert_eq!(parse_memory_mib("2X"), None);
+    assert_eq!(parse_memory_mib(""), None);
+    assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+    assert_eq!(parse_duration("8s"), Some(Duration::from_secs(8)));
+    assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+    assert_eq!(parse_duration("8"), None);
+}
+
+impl ProfileFile {
+    fn validate_with(self, overrides: &Overrides) -> Result<Profile, ConfigError> {
+        Config::from_file(self, PathBuf::from("/nonexistent/profile.toml"), overrides, "h").map(|config| config.profile)
+    }
+}

@@ -1,0 +1,27 @@
+//! vial: run a virtual network appliance as a well-behaved container.
+//!
+//! Code map (one module per kernel or protocol object; the binaries in `src/bin/` only parse,
+//! call and map to an exit code):
+
+/// The endpoint's configuration: the profile file, `VIAL_*` overrides, flags; validation.
+pub mod config;
+/// Exit codes of `vial`, as a documented enum mapped by a pure function.
+pub mod exit;
+/// The health socket: an HTTP/1.0 responder over a Unix socket, and the `vial health` client.
+pub mod health;
+/// Logging set-up (tracing to stderr).
+pub mod logging;
+/// Interface discovery on the container side (addresses of the management interface).
+pub mod net;
+/// The QEMU Machine Protocol client: commands, events and the run state they imply.
+pub mod qmp;
+/// Reaping orphans and the child-subreaper role.
+pub mod reaper;
+/// The endpoint's life cycle and the status that health reports.
+pub mod state;
+/// The supervisor: starts QEMU, watches it, stops it cleanly; the only place that ties it together.
+pub mod supervisor;
+/// Every `unsafe` block of the crate, behind safe wrappers.
+pub mod sys;
+/// The QEMU process: its argv (a pure function), acceleration probing, disk overlays, launch.
+pub mod vm;

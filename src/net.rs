@@ -1,0 +1,45 @@
+//! The container's side of the management network: which address the management interface
+//! has, so forwards listen there. This module only reads; it never changes an interface.
+
+use std::net::Ipv4Addr;
+
+/// Why the management address is unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    /// Listing addresses failed.
+    #[error("cannot list interface addresses")]
+    List(#[source] nix::Error),
+    /// The interface has no IPv4 address (or does not exist).
+    #[error("management interface {iface} has no IPv4 address (present: {present}); give the container a network, or set VIAL_MGMT_IFACE")]
+    NoAddress {
+        /// The interface.
+        iface: String,
+        /// Interfaces that do have IPv4 addresses.
+        present: String,
+    },
+}
+
+/// The first IPv4 address of `iface`.
+pub fn mgmt_address(iface: &str) -> Result<Ipv4Addr, MgmtError> {
+    let mut present = Vec::new();
+    for entry in nix::ifaddrs::getifaddrs().map_err(MgmtError::List)? {
+        let Some(addr) = entry.address.as_ref().and_then(|a| a.as_sockaddr_in()) else { continue };
+        if entry.interface_name == iface {
+            return Ok(addr.ip());
+        }
+        present.push(format!("{}={}", entry.interface_name, addr.ip()));
+    }
+    Err(MgmtError::NoAddress { iface: iface.into(), present: if present.is_empty() { "none".into() } else { present.join(", ") } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_an_address_and_a_missing_interface_is_named() {
+        assert_eq!(mgmt_address("lo").unwrap(), Ipv4Addr::LOCALHOST);
+        let err = mgmt_address("vial-nope0").unwrap_err().to_string();
+        assert!(err.contains("vial-nope0") && err.contains("lo=127.0.0.1"), "{err}");
+    }
+}

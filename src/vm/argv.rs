@@ -1,0 +1,200 @@
+//! The QEMU command line, as a pure function of the validated profile and the runtime inputs.
+//! Unit tests pin it for every profile. This file never looks at the host.
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+use super::Accel;
+use crate::config::Profile;
+
+/// Runtime inputs that the profile cannot know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// The accelerator decided at start.
+    pub accel: Accel,
+    /// The management interface's IPv4 address; forwards listen on it.
+    pub mgmt_addr: Ipv4Addr,
+    /// Where the sockets and the console log go.
+    pub run_dir: PathBuf,
+    /// The overlay of each profile disk, in the profile's order.
+    pub disks: Vec<PathBuf>,
+    /// The lesson directory to export, when it exists.
+    pub share: Option<PathBuf>,
+    /// The listening socket QEMU serves `vial`'s own QMP monitor on (inherited).
+    pub control_fd: RawFd,
+    /// The endpoint's name (the VM's name; MACs derive from it).
+    pub name: String,
+    /// Data NICs, in guest order.
+    pub data_nics: Vec<DataNic>,
+    /// Extra arguments from the environment, appended last.
+    pub extra_args: Vec<String>,
+}
+
+/// How a data NIC reaches its container link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicBackend {
+    /// A TAP device QEMU opens by name.
+    Tap {
+        /// The TAP's name.
+        ifname: String,
+    },
+    /// An already opened tap file descriptor (macvtap's `/dev/tapN`), inherited by QEMU.
+    TapFd {
+        /// The descriptor.
+        fd: RawFd,
+    },
+}
+
+/// One data NIC of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataNic {
+    /// 1-based index, as the guest counts data ports (`swp1`).
+    pub index: u32,
+    /// Where its frames go.
+    pub backend: NicBackend,
+    /// The link's MTU, told to virtio guests.
+    pub mtu: u32,
+    /// Use vhost-net.
+    pub vhost: bool,
+}
+
+/// File names under the run directory.
+pub mod paths {
+    /// QEMU's public QMP socket, for people and tools.
+    pub const QMP: &str = "qmp.sock";
+    /// `vial`'s own QMP socket (the listener is handed to QEMU as a descriptor).
+    pub const CONTROL: &str = "vial-qmp.sock";
+    /// The serial console (a socket to attach to).
+    pub const CONSOLE: &str = "console.sock";
+    /// Everything the serial console printed.
+    pub const CONSOLE_LOG: &str = "console.log";
+    /// The health socket.
+    pub const HEALTH: &str = "health.sock";
+}
+
+/// A stable, locally administered MAC for NIC `index` (0 = management) of endpoint `name`:
+/// `02` then 32 bits of FNV-1a over the name, then the index. Endpoints with different names
+/// get different MACs (up to hash collisions, one in four billion per pair), and a restart
+/// keeps them, so guest configuration keyed on MACs survives.
+pub fn nic_mac(name: &str, index: u32) -> [u8; 6] {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let h = hash.to_be_bytes();
+    [0x02, h[0], h[1], h[2], h[3], index.min(255) as u8]
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The CPU model for the accelerator: `host` exists only under KVM, so TCG gets `max`.
+fn cpu_model<'a>(profile: &'a Profile, accel: Accel) -> &'a str {
+    match (profile.cpu.as_str(), accel) {
+        ("host", Accel::Tcg) => "max",
+        (model, _) => model,
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    // QEMU option values separate on ','; a comma in a path is written twice.
+    path.display().to_string().replace(',', ",,")
+}
+
+/// The full QEMU argv (argv[0] is the profile's QEMU binary).
+pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
+    let mut args: Vec<String> = vec![profile.qemu.clone()];
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    let run = |name: &str| path_str(&launch.run_dir.join(name));
+
+    push(&["-name", &format!("{},process=qemu-{}", launch.name.replace(',', ",,"), launch.name)]);
+    push(&["-machine", &profile.machine_type]);
+    push(&["-accel", launch.accel.as_str()]);
+    push(&["-cpu", cpu_model(profile, launch.accel)]);
+    push(&["-m", &profile.memory_mib.to_string()]);
+    push(&["-smp", &profile.vcpus.to_string()]);
+    // No default devices or config files: every device is on this command line, on purpose.
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+
+    if let Some(boot) = &profile.boot {
+        push(&["-kernel", &path_str(&boot.kernel)]);
+        if let Some(initrd) = &boot.initrd {
+            push(&["-initrd", &path_str(initrd)]);
+        }
+        if !boot.append.is_empty() {
+            push(&["-append", &boot.append]);
+        }
+    }
+    for (i, (disk, overlay)) in profile.disks.iter().zip(&launch.disks).enumerate() {
+        // The overlay is always qcow2; its backing file carries the image's own format.
+        push(&["-drive", &format!("file={},format=qcow2,if={},index={i},cache=writeback", path_str(overlay), disk.interface)]);
+    }
+
+    // Management NIC: QEMU user networking, one hostfwd per forward, listening on the
+    // management address only. restrict=on keeps the guest from opening connections out
+    // through the container (DHCP and the forwards still work; libslirp handles BOOTP
+    // before the restriction check).
+    let mut netdev = String::from("user,id=mgmt");
+    if let Some((net, prefix)) = profile.user_net {
+        netdev.push_str(&format!(",net={net}/{prefix}"));
+    }
+    netdev.push_str(if profile.egress { ",restrict=off" } else { ",restrict=on" });
+    for forward in &profile.forwards {
+        netdev.push_str(&format!(
+            ",hostfwd={}:{}:{}-:{}",
+            forward.protocol.as_str(),
+            launch.mgmt_addr,
+            forward.container_port,
+            forward.guest_port
+        ));
+    }
+    push(&["-netdev", &netdev]);
+    push(&["-device", &format!("{},netdev=mgmt,mac={}", profile.nic_model, format_mac(nic_mac(&launch.name, 0)))]);
+    // Unconnected NICs the appliance expects before its data ports (vQFX's internal ports).
+    for reserved in 0..profile.reserved_nics {
+        push(&["-device", &format!("{},mac={}", profile.nic_model, format_mac(nic_mac(&launch.name, 200 + reserved)))]);
+    }
+    for nic in &launch.data_nics {
+        let id = format!("data{}", nic.index);
+        let vhost = if nic.vhost { ",vhost=on" } else { "" };
+        let backend = match &nic.backend {
+            NicBackend::Tap { ifname } => format!("tap,id={id},ifname={ifname},script=no,downscript=no{vhost}"),
+            NicBackend::TapFd { fd } => format!("tap,id={id},fd={fd}{vhost}"),
+        };
+        push(&["-netdev", &backend]);
+        let mut device = format!("{},netdev={id},id=nic{},mac={}", profile.nic_model, nic.index, format_mac(nic_mac(&launch.name, nic.index)));
+        if profile.nic_model == "virtio-net-pci" && nic.mtu != 1500 {
+            device.push_str(&format!(",host_mtu={}", nic.mtu));
+        }
+        push(&["-device", &device]);
+    }
+
+    if let (Some(share), Some(dir)) = (&profile.share, &launch.share) {
+        let readonly = if share.read_only { ",readonly=on" } else { "" };
+        push(&["-fsdev", &format!("local,id=lesson,path={},security_model=none{readonly}", path_str(dir))]);
+        push(&["-device", &format!("virtio-9p-pci,fsdev=lesson,mount_tag={}", share.tag)]);
+    }
+
+    // Serial console: a socket to attach to, and everything it prints in a log.
+    push(&["-chardev", &format!("socket,id=console,path={},server=on,wait=off,logfile={}", run(paths::CONSOLE), run(paths::CONSOLE_LOG))]);
+    push(&["-serial", "chardev:console"]);
+    // vial's own monitor: a listener vial bound before the launch, so vial can connect at
+    // once (the connection waits in the backlog) without polling for a socket file.
+    push(&["-chardev", &format!("socket,id=control,fd={},server=on,wait=off", launch.control_fd)]);
+    push(&["-mon", "chardev=control,mode=control"]);
+    // A second monitor for people and tools, so they never take vial's.
+    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(paths::QMP))]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+
+    args.extend(profile.extra_args.iter().cloned());
+    args.extend(launch.extra_args.iter().cloned());
+    args.into_iter().map(OsString::from).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,122 @@
+use super::*;
+use crate::config::{Config, Overrides, ProfileFile};
+use std::path::Path;
+
+fn profile(name: &str) -> Profile {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-profiles").join(format!("{name}.toml"));
+    let file = ProfileFile::load(&path).unwrap();
+    // Pinned argv must not depend on where the checkout is: pretend the bundle is /etc/vial.
+    Config::from_file(file, "/etc/vial/profile.toml".into(), &Overrides::default(), "h").unwrap().profile
+}
+
+fn launch(accel: Accel, disks: usize, data_nics: Vec<DataNic>) -> Launch {
+    Launch {
+        accel,
+        mgmt_addr: Ipv4Addr::new(198, 18, 0, 2),
+        run_dir: "/run/vial".into(),
+        disks: (0..disks).map(|i| PathBuf::from(format!("/var/lib/vial/disk{i}.qcow2"))).collect(),
+        share: Some("/antidote".into()),
+        control_fd: 3,
+        name: "r1".into(),
+        data_nics,
+        extra_args: Vec::new(),
+    }
+}
+
+fn joined(profile: &Profile, launch: &Launch) -> String {
+    qemu_argv(profile, launch).iter().map(|a| a.to_string_lossy().to_string()).collect::<Vec<_>>().join(" ")
+}
+
+const MONITORS: &str = "-chardev socket,id=console,path=/run/vial/console.sock,server=on,wait=off,logfile=/run/vial/console.log \
+-serial chardev:console \
+-chardev socket,id=control,fd=3,server=on,wait=off -mon chardev=control,mode=control \
+-chardev socket,id=qmp,path=/run/vial/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control";
+
+#[test]
+fn linux_profile_argv_under_tcg() {
+    let expected = format!(
+        "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 256 -smp 1 \
+-nodefaults -no-user-config -display none \
+-kernel /etc/vial/guest/vmlinuz -initrd /etc/vial/guest/initrd.img -append console=ttyS0 quiet panic=-1 \
+-netdev user,id=mgmt,restrict=on,hostfwd=tcp:198.18.0.2:80-:80 \
+-device virtio-net-pci,netdev=mgmt,mac={mac0} \
+-fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
+-device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
+        mac0 = format_mac(nic_mac("r1", 0)),
+    );
+    assert_eq!(joined(&profile("linux"), &launch(Accel::Tcg, 0, vec![])), expected);
+}
+
+#[test]
+fn cumulus_profile_argv_under_kvm_with_two_data_links() {
+    let nics = (1..=2).map(|index| DataNic { index, backend: NicBackend::Tap { ifname: format!("tap{index}") }, mtu: 9000, vhost: false }).collect();
+    let expected = format!(
+        "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel kvm -cpu host -m 2048 -smp 2 \
+-nodefaults -no-user-config -display none \
+-drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
+-netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:198.18.0.2:22-:22,hostfwd=udp:198.18.0.2:161-:161,hostfwd=tcp:198.18.0.2:830-:830,hostfwd=tcp:198.18.0.2:8080-:8080 \
+-device virtio-net-pci,netdev=mgmt,mac={mac0} \
+-netdev tap,id=data1,ifname=tap1,script=no,downscript=no -device virtio-net-pci,netdev=data1,id=nic1,mac={mac1},host_mtu=9000 \
+-netdev tap,id=data2,ifname=tap2,script=no,downscript=no -device virtio-net-pci,netdev=data2,id=nic2,mac={mac2},host_mtu=9000 \
+-fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
+-device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
+        mac0 = format_mac(nic_mac("r1", 0)),
+        mac1 = format_mac(nic_mac("r1", 1)),
+        mac2 = format_mac(nic_mac("r1", 2)),
+    );
+    assert_eq!(joined(&profile("cumulus"), &launch(Accel::Kvm, 1, nics)), expected);
+}
+
+#[test]
+fn vqfx_profile_argv_has_reserved_nics_and_e1000_without_host_mtu() {
+    let nics = vec![DataNic { index: 1, backend: NicBackend::TapFd { fd: 7 }, mtu: 9000, vhost: true }];
+    let expected = format!(
+        "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 2048 -smp 1 \
+-nodefaults -no-user-config -display none \
+-drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
+-netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:198.18.0.2:22-:22,hostfwd=udp:198.18.0.2:161-:161,hostfwd=tcp:198.18.0.2:830-:830,hostfwd=tcp:198.18.0.2:8080-:8080 \
+-device e1000,netdev=mgmt,mac={mac0} -device e1000,mac={r0} -device e1000,mac={r1} \
+-netdev tap,id=data1,fd=7,vhost=on -device e1000,netdev=data1,id=nic1,mac={mac1} \
+-fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
+-device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
+        mac0 = format_mac(nic_mac("r1", 0)),
+        r0 = format_mac(nic_mac("r1", 200)),
+        r1 = format_mac(nic_mac("r1", 201)),
+        mac1 = format_mac(nic_mac("r1", 1)),
+    );
+    assert_eq!(joined(&profile("vqfx"), &launch(Accel::Tcg, 1, nics)), expected);
+}
+
+#[test]
+fn egress_switch_lifts_restrict_and_missing_share_is_omitted() {
+    let mut p = profile("linux");
+    p.egress = true;
+    let mut l = launch(Accel::Tcg, 0, vec![]);
+    l.share = None;
+    let argv = joined(&p, &l);
+    assert!(argv.contains("restrict=off"), "{argv}");
+    assert!(!argv.contains("virtio-9p"), "{argv}");
+}
+
+#[test]
+fn commas_in_paths_are_escaped() {
+    let mut l = launch(Accel::Tcg, 0, vec![]);
+    l.share = Some("/lessons/a,b".into());
+    assert!(joined(&profile("linux"), &l).contains("path=/lessons/a,,b,"));
+}
+
+#[test]
+fn macs_are_locally_administered_unicast_stable_and_distinct() {
+    let a = nic_mac("cvx1", 1);
+    assert_eq!(a, nic_mac("cvx1", 1));
+    assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    assert_eq!(a[0] & 0x01, 0, "unicast");
+    assert_ne!(a, nic_mac("cvx2", 1));
+    assert_ne!(a, nic_mac("cvx1", 2));
+    // Endpoint names from real lessons do not collide.
+    let names = ["vqfx1", "vqfx2", "vqfx3", "cvx1", "linux1", "r1", "r2", "r3", "frr-1", "frr-2", "frr-3"];
+    let mut macs: Vec<[u8; 6]> = names.iter().map(|n| nic_mac(n, 0)).collect();
+    macs.sort();
+    macs.dedup();
+    assert_eq!(macs.len(), names.len());
+}

@@ -1,0 +1,113 @@
+//! Copy-on-write overlays: the image's disk is never written. Each profile disk gets a qcow2
+//! overlay in the state directory whose backing file is the image's disk. An overlay left by
+//! an earlier run of the same container (`docker restart`) is kept, so the appliance keeps
+//! its configuration across restarts the way a real box does; a new container starts fresh.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::profile::Disk;
+
+/// Why an overlay could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// `qemu-img` is not installed.
+    #[error("qemu-img not found on PATH: install it (Debian package qemu-utils) in the image")]
+    QemuImgMissing,
+    /// The state directory could not be created.
+    #[error("cannot create state directory {path}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `qemu-img create` failed.
+    #[error("qemu-img create for {base} failed: {stderr}")]
+    Create {
+        /// The image's disk.
+        base: PathBuf,
+        /// What qemu-img said.
+        stderr: String,
+    },
+}
+
+/// The overlay path for disk `index`.
+pub fn overlay_path(state_dir: &Path, index: usize) -> PathBuf {
+    state_dir.join(format!("disk{index}.qcow2"))
+}
+
+/// The `qemu-img` arguments that create the overlay of `disk` at `overlay` (pure).
+pub fn overlay_args(disk: &Disk, overlay: &Path) -> Vec<String> {
+    let base = std::path::absolute(&disk.path).unwrap_or_else(|_| disk.path.clone());
+    vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-F".into(),
+        disk.format.clone(),
+        "-b".into(),
+        base.display().to_string(),
+        overlay.display().to_string(),
+    ]
+}
+
+/// Creates (or keeps) an overlay for every disk and returns their paths in order. Runs
+/// before QEMU starts, while no reaper owns `waitpid`, so a plain `Command::output` is safe.
+pub fn prepare_overlays(disks: &[Disk], state_dir: &Path) -> Result<Vec<PathBuf>, OverlayError> {
+    if disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(state_dir).map_err(|source| OverlayError::StateDir { path: state_dir.into(), source })?;
+    let mut overlays = Vec::new();
+    for (i, disk) in disks.iter().enumerate() {
+        let overlay = overlay_path(state_dir, i);
+        if overlay.is_file() {
+            tracing::info!(overlay = %overlay.display(), "keeping the overlay of an earlier run");
+        } else {
+            tracing::debug!(base = %disk.path.display(), overlay = %overlay.display(), "creating overlay");
+            let output = Command::new("qemu-img").args(overlay_args(disk, &overlay)).output().map_err(|err| match err.kind() {
+                std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
+                _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
+            })?;
+            if !output.status.success() {
+                return Err(OverlayError::Create {
+                    base: disk.path.clone(),
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                });
+            }
+        }
+        overlays.push(overlay);
+    }
+    Ok(overlays)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_args_name_backing_format_and_absolute_base() {
+        let disk = Disk { path: "/images/cvx.qcow2".into(), format: "qcow2".into(), interface: "ide".into() };
+        let args = overlay_args(&disk, Path::new("/var/lib/vial/disk0.qcow2"));
+        assert_eq!(args.join(" "), "create -q -f qcow2 -F qcow2 -b /images/cvx.qcow2 /var/lib/vial/disk0.qcow2");
+    }
+
+    #[test]
+    fn overlay_is_created_and_base_untouched() {
+        let dir = std::env::temp_dir().join(format!("vial-disk-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let before = std::fs::metadata(&base).unwrap().modified().unwrap();
+        let disk = Disk { path: base.clone(), format: "raw".into(), interface: "virtio".into() };
+        let overlays = prepare_overlays(&[disk.clone()], &dir.join("state")).expect("qemu-img must be installed (qemu-utils)");
+        assert!(overlays[0].is_file());
+        // A second run keeps the first run's overlay.
+        assert_eq!(prepare_overlays(&[disk], &dir.join("state")).unwrap(), overlays);
+        assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), before);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

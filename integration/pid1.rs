@@ -1,0 +1,132 @@
+//! `vial` as PID 1 of a sandbox with the real `linux` guest under TCG: boot, 9p, DHCP,
+//! forwards, readiness, clean stop, forced stop, QEMU crash, reaping.
+
+use crate::support::*;
+use nix::sys::signal::Signal;
+use std::time::Duration;
+
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn assert_no_qemu_left(sandbox: &Sandbox) {
+    let needle = sandbox.run_dir.display().to_string();
+    let left = wait_until(Duration::from_secs(10), "qemu to be gone", || {
+        let left = processes_mentioning(&needle);
+        left.is_empty().then_some(left)
+    });
+    assert!(left.is_empty());
+}
+
+#[test]
+fn boots_serves_the_lesson_over_9p_and_stops_cleanly_on_sigterm() {
+    let mut sandbox = Sandbox::new("boot");
+    let token = format!("lesson file {}", sandbox.netns);
+    std::fs::write(sandbox.lesson.join("hello.txt"), &token).unwrap();
+    let vial = sandbox.start(&[], "");
+
+    // While the guest boots, the supervisor answers and says it is not ready.
+    let booting = wait_until(Duration::from_secs(30), "the health socket", || sandbox.status());
+    assert_ne!(booting["state"], "ready", "{booting}");
+    let (code, _) = sandbox.health(&[]);
+    assert_ne!(code, 0, "vial health must fail while booting");
+    assert_eq!(sandbox.health(&["--live"]).0, 0);
+
+    sandbox.wait_ready();
+    let status = sandbox.status().expect("status");
+    assert_eq!(status["state"], "ready", "{status}");
+    assert_eq!(status["accel"], "tcg");
+    assert!(status["qemu_pid"].is_u64(), "{status}");
+    assert_eq!(status["vm"], "running");
+    assert_eq!(status["forwards"][0]["address"], sandbox.addr.to_string());
+    assert_eq!(status["forwards"][0]["container_port"], 80);
+
+    // One GET proves 9p (the file), DHCP (the guest's address), the forward and readiness.
+    let body =
+        wait_until(Duration::from_secs(30), "the lesson file over HTTP", || http_get(sandbox.addr, 80, "/hello.txt"));
+    assert_eq!(body, token);
+
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(0), "clean power-off exits 0\n{}", sandbox.log());
+    assert!(sandbox.log().contains("guest shut down"), "{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+    let (code, out) = sandbox.health(&["--status"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("\"stopped\""), "{out}");
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_quit_after_the_stop_timeout() {
+    let mut sandbox = Sandbox::new("deaf");
+    std::fs::write(sandbox.lesson.join("ignore-power-button"), "").unwrap();
+    let vial = sandbox.start(&[("VIAL_STOP_TIMEOUT", "2s")], "");
+    sandbox.wait_ready();
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(2), "quit after the stop timeout exits 2\n{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+}
+
+#[test]
+fn sigint_stops_like_sigterm_and_a_second_signal_forces() {
+    let mut sandbox = Sandbox::new("sigint");
+    std::fs::write(sandbox.lesson.join("ignore-power-button"), "").unwrap();
+    let vial = sandbox.start(&[("VIAL_STOP_TIMEOUT", "10m")], "");
+    sandbox.wait_ready();
+    signal(vial, Signal::SIGINT);
+    wait_until(Duration::from_secs(10), "state stopping", || sandbox.status().filter(|s| s["state"] == "stopping"));
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(128 + 15), "a second signal forces the stop\n{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+}
+
+#[test]
+fn qemu_killed_is_reported_failed_with_a_reason() {
+    let mut sandbox = Sandbox::new("crash");
+    let vial = sandbox.start(&[], "");
+    wait_until(Duration::from_secs(30), "state booting", || sandbox.status().filter(|s| s["qemu_pid"].is_u64()));
+    let qemu = wait_until(Duration::from_secs(10), "qemu as vial's child", || children(vial).first().copied());
+    signal(qemu, Signal::SIGKILL);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(4), "qemu crash exits 4\n{}", sandbox.log());
+    let (code, out) = sandbox.health(&["--status"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("\"failed\"") && out.contains("SIGKILL"), "{out}");
+    assert_no_qemu_left(&sandbox);
+}
+
+#[test]
+fn a_hundred_orphaned_grandchildren_are_all_reaped() {
+    let mut sandbox = Sandbox::new("orphans");
+    // A QEMU wrapper that leaves 100 orphans behind (each subshell exits at once, so its
+    // child is re-parented to vial), then becomes QEMU.
+    let wrapper = sandbox.dir.path().join("qemu-with-orphans");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\ni=0\nwhile [ $i -lt 100 ]; do ( sleep 0.2 & ) ; i=$((i+1)); done\nexec qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&wrapper).unwrap().permissions(), 0o755);
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let vial = sandbox.start(&[("VIAL_QEMU", wrapper.to_str().unwrap())], "");
+    sandbox.wait_ready();
+    // Every orphan has exited by now or will soon; none may stay a zombie.
+    wait_until(Duration::from_secs(30), "only qemu left as vial's child", || {
+        let kids = children(vial);
+        (kids.len() == 1 && proc_state(kids[0]) != Some('Z')).then_some(())
+    });
+    assert!(sandbox.log().contains("reaped"), "{}", sandbox.log());
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(0), "{}", sandbox.log());
+}
+
+#[test]
+fn missing_dev_net_tun_is_a_one_line_error_with_its_exit_code() {
+    let mut sandbox = Sandbox::new("notun");
+    sandbox.start(&[], "mount -t tmpfs none /dev/net");
+    let exit = sandbox.wait(Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(72), "{}", sandbox.log());
+    let log = sandbox.log();
+    let line = log.lines().find(|l| l.contains("/dev/net/tun")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("--device /dev/net/tun"), "{line}");
+}

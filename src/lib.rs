@@ -7,6 +7,8 @@
 pub mod config;
 /// Exit codes of `vial`, as a documented enum mapped by a pure function.
 pub mod exit;
+/// Management forwards: relays from the management address to QEMU's loopback `hostfwd`.
+pub mod forward;
 /// The health socket: an HTTP/1.0 responder over a Unix socket, and the `vial health` client.
 pub mod health;
 /// Logging set-up (tracing to stderr).

@@ -29,7 +29,10 @@ pub fn mgmt_address(iface: &str) -> Result<Ipv4Addr, MgmtError> {
         }
         present.push(format!("{}={}", entry.interface_name, addr.ip()));
     }
-    Err(MgmtError::NoAddress { iface: iface.into(), present: if present.is_empty() { "none".into() } else { present.join(", ") } })
+    Err(MgmtError::NoAddress {
+        iface: iface.into(),
+        present: if present.is_empty() { "none".into() } else { present.join(", ") },
+    })
 }
 
 #[cfg(test)]

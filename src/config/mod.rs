@@ -136,7 +136,11 @@ impl Overrides {
                     value,
                     fix: format!(
                         "not a vial setting; known: {}",
-                        KEYS.iter().map(|(_, env, _)| *env).chain(OTHER_VARS.iter().copied()).collect::<Vec<_>>().join(", ")
+                        KEYS.iter()
+                            .map(|(_, env, _)| *env)
+                            .chain(OTHER_VARS.iter().copied())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 }),
             }
@@ -163,7 +167,11 @@ impl Overrides {
 
     /// The value for `key` and where it came from.
     pub fn get(&self, key: Key) -> Option<(&str, &str)> {
-        self.entries.iter().rev().find(|(k, _, _)| *k == key).map(|(_, value, source)| (value.as_str(), source.as_str()))
+        self.entries
+            .iter()
+            .rev()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, value, source)| (value.as_str(), source.as_str()))
     }
 }
 
@@ -203,7 +211,12 @@ impl Config {
 
     /// As [`Config::load`], from an already parsed profile, without checking that the files
     /// it names exist (so profiles can be checked away from the image).
-    pub fn from_file(mut file: ProfileFile, profile_path: PathBuf, overrides: &Overrides, hostname: &str) -> Result<Config, ConfigError> {
+    pub fn from_file(
+        mut file: ProfileFile,
+        profile_path: PathBuf,
+        overrides: &Overrides,
+        hostname: &str,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         // Relative asset paths belong to the profile's bundle: resolve them against its folder.
         let base = profile_path.parent().map(PathBuf::from).unwrap_or_default();
@@ -236,11 +249,17 @@ impl Config {
                 Key::LessonDir => file.share.path = PathBuf::from(value),
                 Key::Vcpus => match value.parse() {
                     Ok(n) => file.machine.vcpus = n,
-                    Err(_) => problems.push(Problem { field: source.into(), value, fix: "give a number from 1 to 64".into() }),
+                    Err(_) => {
+                        problems.push(Problem { field: source.into(), value, fix: "give a number from 1 to 64".into() })
+                    }
                 },
                 Key::DataIfaces => match value.parse() {
                     Ok(n) => file.network.data_nics = n,
-                    Err(_) => problems.push(Problem { field: source.into(), value, fix: "give the number of data links, e.g. 2".into() }),
+                    Err(_) => problems.push(Problem {
+                        field: source.into(),
+                        value,
+                        fix: "give the number of data links, e.g. 2".into(),
+                    }),
                 },
                 Key::Egress => match parse_bool(&value) {
                     Some(b) => file.network.egress = b,
@@ -276,7 +295,11 @@ impl Config {
             let (value, source) = overrides.get(key).unwrap_or((default, "default"));
             let path = PathBuf::from(value);
             if !path.is_absolute() {
-                problems.push(Problem { field: source.into(), value: value.into(), fix: "give an absolute path".into() });
+                problems.push(Problem {
+                    field: source.into(),
+                    value: value.into(),
+                    fix: "give an absolute path".into(),
+                });
             }
             path
         };
@@ -284,13 +307,22 @@ impl Config {
         let state_dir = path_setting(Key::StateDir, "/var/lib/vial", &mut problems);
         let mgmt_iface = overrides.get(Key::MgmtIface).map(|(v, _)| v).unwrap_or("eth0").to_string();
         if mgmt_iface.is_empty() || mgmt_iface.len() > 15 || mgmt_iface.contains(['/', ' ']) {
-            problems.push(Problem { field: "VIAL_MGMT_IFACE".into(), value: mgmt_iface.clone(), fix: "give an interface name of 1 to 15 characters".into() });
+            problems.push(Problem {
+                field: "VIAL_MGMT_IFACE".into(),
+                value: mgmt_iface.clone(),
+                fix: "give an interface name of 1 to 15 characters".into(),
+            });
         }
         let name = overrides.get(Key::Name).map(|(v, _)| v).unwrap_or(hostname).to_string();
-        let qemu_args = overrides.get(Key::QemuArgs).map(|(v, _)| v.split_whitespace().map(String::from).collect()).unwrap_or_default();
+        let qemu_args = overrides
+            .get(Key::QemuArgs)
+            .map(|(v, _)| v.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
 
         match profile {
-            Some(profile) if problems.is_empty() => Ok(Config { profile, profile_path, run_dir, state_dir, mgmt_iface, name, qemu_args }),
+            Some(profile) if problems.is_empty() => {
+                Ok(Config { profile, profile_path, run_dir, state_dir, mgmt_iface, name, qemu_args })
+            }
             _ => Err(ConfigError(problems)),
         }
     }

@@ -518,7 +518,10 @@ impl ProfileFile {
             bad("machine.accel", &self.machine.accel, "use auto, kvm or tcg");
             AccelChoice::Auto
         });
-        if !["pc", "q35", "microvm"].iter().any(|m| self.machine.machine_type == *m || self.machine.machine_type.starts_with(&format!("{m}-"))) {
+        if !["pc", "q35", "microvm"]
+            .iter()
+            .any(|m| self.machine.machine_type == *m || self.machine.machine_type.starts_with(&format!("{m}-")))
+        {
             bad("machine.type", &self.machine.machine_type, "use pc or q35 (optionally versioned, e.g. pc-i440fx-7.2)");
         }
         if self.machine.cpu.is_empty() || self.machine.cpu.contains(char::is_whitespace) {
@@ -528,7 +531,11 @@ impl ProfileFile {
             bad("machine.qemu", &"", "name the QEMU binary, e.g. qemu-system-x86_64");
         }
 
-        let boot = self.boot.as_ref().map(|boot| Boot { kernel: boot.kernel.clone(), initrd: boot.initrd.clone(), append: boot.append.clone() });
+        let boot = self.boot.as_ref().map(|boot| Boot {
+            kernel: boot.kernel.clone(),
+            initrd: boot.initrd.clone(),
+            append: boot.append.clone(),
+        });
         if self.boot.is_none() && self.disks.is_empty() {
             bad("disks", &"[]", "give a [boot] kernel or at least one [[disks]] entry");
         }
@@ -586,7 +593,11 @@ impl ProfileFile {
                 bad(&format!("forwards[{i}].guest_port"), &0, "give a port from 1 to 65535");
             }
             if forwards.iter().any(|f| f.protocol == protocol && f.container_port == forward.container_port) {
-                bad(&format!("forwards[{i}].container_port"), &forward.container_port, "each container port may be forwarded once per protocol");
+                bad(
+                    &format!("forwards[{i}].container_port"),
+                    &forward.container_port,
+                    "each container port may be forwarded once per protocol",
+                );
             }
             forwards.push(Forward { protocol, container_port: forward.container_port, guest_port: forward.guest_port });
         }
@@ -611,7 +622,11 @@ impl ProfileFile {
                     bad("readiness.port", &port, "name the container_port of one of the profile's tcp [[forwards]]");
                 }
                 if readiness.pattern.is_some() {
-                    bad("readiness.pattern", &"set", "pattern is for probe = \"serial\"; remove it or change the probe");
+                    bad(
+                        "readiness.pattern",
+                        &"set",
+                        "pattern is for probe = \"serial\"; remove it or change the probe",
+                    );
                 }
                 Probe::Tcp {
                     port,
@@ -624,7 +639,11 @@ impl ProfileFile {
                 if pattern.is_empty() {
                     bad("readiness.pattern", &"", "give the console text that means ready, e.g. \"login:\"");
                 }
-                for (field, set) in [("readiness.port", readiness.port.is_some()), ("readiness.send", readiness.send.is_some()), ("readiness.expect", readiness.expect.is_some())] {
+                for (field, set) in [
+                    ("readiness.port", readiness.port.is_some()),
+                    ("readiness.send", readiness.send.is_some()),
+                    ("readiness.expect", readiness.expect.is_some()),
+                ] {
                     if set {
                         bad(field, &"set", "only probe = \"tcp\" uses it; remove it");
                     }
@@ -642,10 +661,13 @@ impl ProfileFile {
                 bad("readiness.interval", &readiness.interval, "give a duration from 10ms to 60s, e.g. 250ms");
                 Duration::ZERO
             });
-        let stop_timeout = parse_duration(&self.stop.timeout)
-            .filter(|d| *d <= Duration::from_secs(3600))
-            .unwrap_or_else(|| {
-                bad("stop.timeout", &self.stop.timeout, "give a duration up to 1h, e.g. 8s (Docker's default stop grace is 10s)");
+        let stop_timeout =
+            parse_duration(&self.stop.timeout).filter(|d| *d <= Duration::from_secs(3600)).unwrap_or_else(|| {
+                bad(
+                    "stop.timeout",
+                    &self.stop.timeout,
+                    "give a duration up to 1h, e.g. 8s (Docker's default stop grace is 10s)",
+                );
                 Duration::ZERO
             });
 

@@ -64,7 +64,10 @@ fn missing_disk_is_reported_with_its_path() {
     file.disks[0].path = "/nonexistent/cvx.qcow2".into();
     let config = Config::from_file(file, path, &Overrides::default(), "cvx1").unwrap();
     let text = ConfigError(config.profile.missing_files()).to_string();
-    assert!(text.contains("disks[0].path") && text.contains("/nonexistent/cvx.qcow2") && text.contains("missing"), "{text}");
+    assert!(
+        text.contains("disks[0].path") && text.contains("/nonexistent/cvx.qcow2") && text.contains("missing"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -83,7 +86,8 @@ fn relative_assets_resolve_against_the_profile_folder() {
 #[test]
 fn env_overrides_apply_and_problems_name_the_variable() {
     let (file, _) = repo_profile("linux");
-    let overrides = env(&[("VIAL_MEMORY", "512M"), ("VIAL_ACCEL", "tcg"), ("VIAL_STOP_TIMEOUT", "3s"), ("VIAL_EGRESS", "on")]);
+    let overrides =
+        env(&[("VIAL_MEMORY", "512M"), ("VIAL_ACCEL", "tcg"), ("VIAL_STOP_TIMEOUT", "3s"), ("VIAL_EGRESS", "on")]);
     let profile = file.clone().validate_with(&overrides).unwrap();
     assert_eq!(profile.memory_mib, 512);
     assert_eq!(profile.accel, AccelChoice::Tcg);
@@ -111,13 +115,20 @@ fn unknown_vial_variable_is_refused() {
     assert_eq!(problems[0].field, "VIAL_MEMROY");
     assert!(problems[0].fix.contains("VIAL_MEMORY"));
     // Other programs' variables are none of vial's business.
-    assert!(Overrides::from_env([("PATH".to_string(), "/bin".to_string()), ("VIAL_LOG".to_string(), "debug".to_string())]).is_ok());
+    assert!(Overrides::from_env([
+        ("PATH".to_string(), "/bin".to_string()),
+        ("VIAL_LOG".to_string(), "debug".to_string())
+    ])
+    .is_ok());
 }
 
 #[test]
 fn clab_intfs_sets_data_links_unless_vial_data_ifaces_does() {
     assert_eq!(env(&[("CLAB_INTFS", "4")]).get(Key::DataIfaces), Some(("4", "CLAB_INTFS")));
-    assert_eq!(env(&[("CLAB_INTFS", "4"), ("VIAL_DATA_IFACES", "2")]).get(Key::DataIfaces), Some(("2", "VIAL_DATA_IFACES")));
+    assert_eq!(
+        env(&[("CLAB_INTFS", "4"), ("VIAL_DATA_IFACES", "2")]).get(Key::DataIfaces),
+        Some(("2", "VIAL_DATA_IFACES"))
+    );
 }
 
 #[test]

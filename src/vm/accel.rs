@@ -33,7 +33,10 @@ pub struct KvmUnavailable {
 
 /// Decides the accelerator; `kvm_probe` says whether KVM can create a VM (and why not).
 /// Returns the choice and, for `auto` falling back to TCG, the reason to log.
-pub fn resolve_accel(choice: AccelChoice, kvm_probe: impl FnOnce() -> Result<(), String>) -> Result<(Accel, Option<String>), KvmUnavailable> {
+pub fn resolve_accel(
+    choice: AccelChoice,
+    kvm_probe: impl FnOnce() -> Result<(), String>,
+) -> Result<(Accel, Option<String>), KvmUnavailable> {
     match choice {
         AccelChoice::Tcg => Ok((Accel::Tcg, None)),
         AccelChoice::Kvm => kvm_probe().map(|()| (Accel::Kvm, None)).map_err(|reason| KvmUnavailable { reason }),

@@ -14,8 +14,6 @@ use crate::config::Profile;
 pub struct Launch {
     /// The accelerator decided at start.
     pub accel: Accel,
-    /// The management interface's IPv4 address; forwards listen on it.
-    pub mgmt_addr: Ipv4Addr,
     /// Where the sockets and the console log go.
     pub run_dir: PathBuf,
     /// The overlay of each profile disk, in the profile's order.
@@ -94,7 +92,7 @@ pub fn format_mac(mac: [u8; 6]) -> String {
 }
 
 /// The CPU model for the accelerator: `host` exists only under KVM, so TCG gets `max`.
-fn cpu_model<'a>(profile: &'a Profile, accel: Accel) -> &'a str {
+fn cpu_model(profile: &Profile, accel: Accel) -> &str {
     match (profile.cpu.as_str(), accel) {
         ("host", Accel::Tcg) => "max",
         (model, _) => model,
@@ -132,13 +130,16 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     }
     for (i, (disk, overlay)) in profile.disks.iter().zip(&launch.disks).enumerate() {
         // The overlay is always qcow2; its backing file carries the image's own format.
-        push(&["-drive", &format!("file={},format=qcow2,if={},index={i},cache=writeback", path_str(overlay), disk.interface)]);
+        push(&[
+            "-drive",
+            &format!("file={},format=qcow2,if={},index={i},cache=writeback", path_str(overlay), disk.interface),
+        ]);
     }
 
-    // Management NIC: QEMU user networking, one hostfwd per forward, listening on the
-    // management address only. restrict=on keeps the guest from opening connections out
-    // through the container (DHCP and the forwards still work; libslirp handles BOOTP
-    // before the restriction check).
+    // Management NIC: QEMU user networking, one hostfwd per forward, listening on loopback;
+    // `forward` relays the management address to it (see there for why). restrict=on keeps
+    // the guest from opening connections out through the container (DHCP and the forwards
+    // still work; libslirp answers BOOTP before its restriction check).
     let mut netdev = String::from("user,id=mgmt");
     if let Some((net, prefix)) = profile.user_net {
         netdev.push_str(&format!(",net={net}/{prefix}"));
@@ -148,7 +149,7 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
         netdev.push_str(&format!(
             ",hostfwd={}:{}:{}-:{}",
             forward.protocol.as_str(),
-            launch.mgmt_addr,
+            Ipv4Addr::LOCALHOST,
             forward.container_port,
             forward.guest_port
         ));
@@ -167,7 +168,12 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
             NicBackend::TapFd { fd } => format!("tap,id={id},fd={fd}{vhost}"),
         };
         push(&["-netdev", &backend]);
-        let mut device = format!("{},netdev={id},id=nic{},mac={}", profile.nic_model, nic.index, format_mac(nic_mac(&launch.name, nic.index)));
+        let mut device = format!(
+            "{},netdev={id},id=nic{},mac={}",
+            profile.nic_model,
+            nic.index,
+            format_mac(nic_mac(&launch.name, nic.index))
+        );
         if profile.nic_model == "virtio-net-pci" && nic.mtu != 1500 {
             device.push_str(&format!(",host_mtu={}", nic.mtu));
         }
@@ -181,7 +187,14 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     }
 
     // Serial console: a socket to attach to, and everything it prints in a log.
-    push(&["-chardev", &format!("socket,id=console,path={},server=on,wait=off,logfile={}", run(paths::CONSOLE), run(paths::CONSOLE_LOG))]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={}",
+            run(paths::CONSOLE),
+            run(paths::CONSOLE_LOG)
+        ),
+    ]);
     push(&["-serial", "chardev:console"]);
     // vial's own monitor: a listener vial bound before the launch, so vial can connect at
     // once (the connection waits in the backlog) without polling for a socket file.

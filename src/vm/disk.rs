@@ -68,10 +68,13 @@ pub fn prepare_overlays(disks: &[Disk], state_dir: &Path) -> Result<Vec<PathBuf>
             tracing::info!(overlay = %overlay.display(), "keeping the overlay of an earlier run");
         } else {
             tracing::debug!(base = %disk.path.display(), overlay = %overlay.display(), "creating overlay");
-            let output = Command::new("qemu-img").args(overlay_args(disk, &overlay)).output().map_err(|err| match err.kind() {
-                std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
-                _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
-            })?;
+            let output =
+                Command::new("qemu-img").args(overlay_args(disk, &overlay)).output().map_err(|err| {
+                    match err.kind() {
+                        std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
+                        _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
+                    }
+                })?;
             if !output.status.success() {
                 return Err(OverlayError::Create {
                     base: disk.path.clone(),
@@ -103,7 +106,8 @@ mod tests {
         std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
         let before = std::fs::metadata(&base).unwrap().modified().unwrap();
         let disk = Disk { path: base.clone(), format: "raw".into(), interface: "virtio".into() };
-        let overlays = prepare_overlays(&[disk.clone()], &dir.join("state")).expect("qemu-img must be installed (qemu-utils)");
+        let overlays = prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"))
+            .expect("qemu-img must be installed (qemu-utils)");
         assert!(overlays[0].is_file());
         // A second run keeps the first run's overlay.
         assert_eq!(prepare_overlays(&[disk], &dir.join("state")).unwrap(), overlays);

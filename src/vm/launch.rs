@@ -36,7 +36,8 @@ pub fn find_binary(binary: &str) -> Option<PathBuf> {
         let path = PathBuf::from(binary);
         return is_executable(&path).then_some(path);
     }
-    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let search = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&search).map(|dir| dir.join(binary)).find(|path| is_executable(path))
 }
 

@@ -12,7 +12,6 @@ fn profile(name: &str) -> Profile {
 fn launch(accel: Accel, disks: usize, data_nics: Vec<DataNic>) -> Launch {
     Launch {
         accel,
-        mgmt_addr: Ipv4Addr::new(198, 18, 0, 2),
         run_dir: "/run/vial".into(),
         disks: (0..disks).map(|i| PathBuf::from(format!("/var/lib/vial/disk{i}.qcow2"))).collect(),
         share: Some("/antidote".into()),
@@ -27,7 +26,8 @@ fn joined(profile: &Profile, launch: &Launch) -> String {
     qemu_argv(profile, launch).iter().map(|a| a.to_string_lossy().to_string()).collect::<Vec<_>>().join(" ")
 }
 
-const MONITORS: &str = "-chardev socket,id=console,path=/run/vial/console.sock,server=on,wait=off,logfile=/run/vial/console.log \
+const MONITORS: &str =
+    "-chardev socket,id=console,path=/run/vial/console.sock,server=on,wait=off,logfile=/run/vial/console.log \
 -serial chardev:console \
 -chardev socket,id=control,fd=3,server=on,wait=off -mon chardev=control,mode=control \
 -chardev socket,id=qmp,path=/run/vial/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control";
@@ -38,7 +38,7 @@ fn linux_profile_argv_under_tcg() {
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 256 -smp 1 \
 -nodefaults -no-user-config -display none \
 -kernel /etc/vial/guest/vmlinuz -initrd /etc/vial/guest/initrd.img -append console=ttyS0 quiet panic=-1 \
--netdev user,id=mgmt,restrict=on,hostfwd=tcp:198.18.0.2:80-:80 \
+-netdev user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:80-:80 \
 -device virtio-net-pci,netdev=mgmt,mac={mac0} \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
 -device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
@@ -49,12 +49,19 @@ fn linux_profile_argv_under_tcg() {
 
 #[test]
 fn cumulus_profile_argv_under_kvm_with_two_data_links() {
-    let nics = (1..=2).map(|index| DataNic { index, backend: NicBackend::Tap { ifname: format!("tap{index}") }, mtu: 9000, vhost: false }).collect();
+    let nics = (1..=2)
+        .map(|index| DataNic {
+            index,
+            backend: NicBackend::Tap { ifname: format!("tap{index}") },
+            mtu: 9000,
+            vhost: false,
+        })
+        .collect();
     let expected = format!(
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel kvm -cpu host -m 2048 -smp 2 \
 -nodefaults -no-user-config -display none \
 -drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
--netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:198.18.0.2:22-:22,hostfwd=udp:198.18.0.2:161-:161,hostfwd=tcp:198.18.0.2:830-:830,hostfwd=tcp:198.18.0.2:8080-:8080 \
+-netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
 -device virtio-net-pci,netdev=mgmt,mac={mac0} \
 -netdev tap,id=data1,ifname=tap1,script=no,downscript=no -device virtio-net-pci,netdev=data1,id=nic1,mac={mac1},host_mtu=9000 \
 -netdev tap,id=data2,ifname=tap2,script=no,downscript=no -device virtio-net-pci,netdev=data2,id=nic2,mac={mac2},host_mtu=9000 \
@@ -74,7 +81,7 @@ fn vqfx_profile_argv_has_reserved_nics_and_e1000_without_host_mtu() {
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 2048 -smp 1 \
 -nodefaults -no-user-config -display none \
 -drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
--netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:198.18.0.2:22-:22,hostfwd=udp:198.18.0.2:161-:161,hostfwd=tcp:198.18.0.2:830-:830,hostfwd=tcp:198.18.0.2:8080-:8080 \
+-netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
 -device e1000,netdev=mgmt,mac={mac0} -device e1000,mac={r0} -device e1000,mac={r1} \
 -netdev tap,id=data1,fd=7,vhost=on -device e1000,netdev=data1,id=nic1,mac={mac1} \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \

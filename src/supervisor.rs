@@ -1,0 +1,601 @@
+//! The supervisor: the one place that ties configuration, the QEMU process, QMP, readiness,
+//! signals and reaping together, and walks the endpoint through its life
+//! (`starting` → ... → `ready` → `stopping` → `stopped`, or `failed`).
+//!
+//! It fails fast during setup and never bails once QEMU runs: from then on every error is
+//! logged and the loop carries on until QEMU is gone. It never leaves QEMU behind: every path
+//! out of [`run`] goes through the same teardown, and QEMU carries a parent-death signal.
+
+use std::net::SocketAddrV4;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, Probe};
+use crate::exit::Outcome;
+use crate::health;
+use crate::qmp::{self, RunState, VmEvent};
+use crate::reaper::{self, Ended};
+use crate::state::{ForwardStatus, Phase, Status};
+use crate::vm::{self, argv::paths, Accel, Launch};
+
+/// How long `quit` gets before QEMU is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How long QEMU gets to greet on QMP after it starts.
+const QMP_GREETING_TIMEOUT: Duration = Duration::from_secs(30);
+/// The device every endpoint needs (DESIGN.md: the endpoint container contract).
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// A setup step that failed, with the outcome it maps to.
+#[derive(Debug)]
+pub struct SetupFailure {
+    /// The exit outcome.
+    pub outcome: Outcome,
+    /// One line saying what failed and how to fix it.
+    pub message: String,
+}
+
+fn fail(outcome: Outcome, message: impl std::fmt::Display) -> SetupFailure {
+    SetupFailure { outcome, message: message.to_string() }
+}
+
+/// Runs the endpoint to its end on a current-thread runtime (see `sys::spawn_supervised` for
+/// why it must be current-thread). Returns the outcome; the binary maps it to an exit code.
+pub fn run(config: Config) -> Outcome {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(%err, "cannot build the async runtime");
+            return Outcome::Internal;
+        }
+    };
+    runtime.block_on(Endpoint::new(config).run())
+}
+
+/// Signals the supervisor listens to, registered before anything else so that a `docker
+/// stop` during setup is not lost. Registering a handler is also what lets PID 1 receive
+/// SIGTERM at all: the kernel drops signals to a namespace's init that has no handler.
+struct Signals {
+    term: SignalStream,
+    int: SignalStream,
+    quit: SignalStream,
+    child: SignalStream,
+    hup: SignalStream,
+    usr1: SignalStream,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            child: signal(SignalKind::child())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+/// Where a stop request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Nobody asked to stop.
+    NotRequested,
+    /// The ACPI power button was pressed; waiting until the deadline.
+    PoweringDown { deadline: Instant },
+    /// `quit` was sent; waiting until the deadline, then SIGKILL.
+    Quitting { deadline: Instant },
+    /// SIGKILL was sent.
+    Killed,
+    /// A second signal forced the stop.
+    Forced(i32),
+}
+
+/// The state one `vial run` carries.
+struct Endpoint {
+    config: Config,
+    status: watch::Sender<Status>,
+    /// Files in the run directory that vial created and removes on exit.
+    created: Vec<PathBuf>,
+}
+
+impl Endpoint {
+    fn new(config: Config) -> Self {
+        let (status, _) = watch::channel(Status::new(&config.profile.name));
+        Endpoint { config, status, created: Vec::new() }
+    }
+
+    fn set_phase(&self, phase: Phase, reason: Option<String>) {
+        tracing::info!(state = phase.as_str(), reason = reason.as_deref().unwrap_or(""), "endpoint state");
+        self.status.send_modify(|status| {
+            status.phase = phase;
+            status.reason = reason;
+        });
+    }
+
+    fn run_path(&self, name: &str) -> PathBuf {
+        self.config.run_dir.join(name)
+    }
+
+    async fn run(mut self) -> Outcome {
+        let mut signals = match Signals::register() {
+            Ok(signals) => signals,
+            Err(err) => {
+                tracing::error!(%err, "cannot install signal handlers");
+                return Outcome::SetupFailed;
+            }
+        };
+        let outcome = match self.setup_and_launch().await {
+            Ok((qemu_pid, control)) => self.supervise(qemu_pid, control, &mut signals).await,
+            Err(failure) => {
+                tracing::error!("{}", failure.message);
+                self.set_phase(Phase::Failed, Some(failure.message));
+                failure.outcome
+            }
+        };
+        self.teardown(outcome);
+        outcome
+    }
+
+    /// Every setup step, in order; the first failure ends the run with its outcome.
+    async fn setup_and_launch(&mut self) -> Result<(u32, tokio::net::UnixStream), SetupFailure> {
+        let profile = self.config.profile.clone();
+        std::fs::create_dir_all(&self.config.run_dir).map_err(|err| {
+            fail(Outcome::SetupFailed, format!("cannot create run directory {}: {err}", self.config.run_dir.display()))
+        })?;
+        let health_path = self.run_path(paths::HEALTH);
+        let listener = health::bind(&health_path)
+            .map_err(|err| fail(Outcome::SetupFailed, format!("health socket {}: {err}", health_path.display())))?;
+        self.created.push(health_path);
+        tokio::spawn(health::serve(listener, self.status.subscribe()));
+
+        if !Path::new(TUN_DEVICE).exists() {
+            return Err(fail(
+                Outcome::TunMissing,
+                format!(
+                    "{TUN_DEVICE} is missing: run the container with --device /dev/net/tun (and --cap-add NET_ADMIN)"
+                ),
+            ));
+        }
+        if vm::launch::find_binary(&profile.qemu).is_none() {
+            return Err(fail(
+                Outcome::QemuMissing,
+                vm::launch::LaunchError::QemuMissing { binary: profile.qemu.clone() },
+            ));
+        }
+        let (accel, fallback) =
+            vm::resolve_accel(profile.accel, crate::sys::kvm_usable).map_err(|err| fail(Outcome::Config, err))?;
+        if let Some(reason) = fallback {
+            tracing::info!(%reason, "KVM not usable; using TCG");
+        }
+        self.status.send_modify(|status| status.accel = Some(accel.as_str().into()));
+
+        let mgmt_addr =
+            crate::net::mgmt_address(&self.config.mgmt_iface).map_err(|err| fail(Outcome::SetupFailed, err))?;
+        let forwards = profile
+            .forwards
+            .iter()
+            .map(|f| ForwardStatus {
+                protocol: f.protocol.as_str().into(),
+                address: mgmt_addr.to_string(),
+                container_port: f.container_port,
+                guest_port: f.guest_port,
+            })
+            .collect();
+        self.status.send_modify(|status| status.forwards = forwards);
+        // Bound now, so a port conflict is a setup error; QEMU's own listeners are on
+        // loopback, so when the management address is loopback, QEMU's serve directly.
+        if !mgmt_addr.is_loopback() {
+            let relays = crate::forward::bind_all(mgmt_addr, &profile.forwards)
+                .await
+                .map_err(|err| fail(Outcome::SetupFailed, format!("{err}: {}", err.source)))?;
+            crate::forward::spawn_all(relays);
+        }
+
+        let share = profile.share.as_ref().and_then(|share| {
+            if share.path.is_dir() {
+                Some(share.path.clone())
+            } else {
+                tracing::warn!(path = %share.path.display(), "lesson directory not present; the guest gets no 9p share");
+                None
+            }
+        });
+
+        self.set_phase(Phase::WaitingForInterfaces, None);
+        // Data links are stitched by the data plane; this profile run expects none yet.
+        if profile.data_nics > 0 {
+            return Err(fail(
+                Outcome::Config,
+                format!(
+                    "network.data_nics: bad value \"{}\": data links are not supported by this build yet; set it to 0",
+                    profile.data_nics
+                ),
+            ));
+        }
+        self.set_phase(Phase::Plumbing, None);
+
+        let disks = vm::disk::prepare_overlays(&profile.disks, &self.config.state_dir).map_err(|err| match err {
+            vm::disk::OverlayError::QemuImgMissing => fail(Outcome::QemuMissing, err),
+            other => fail(Outcome::SetupFailed, other),
+        })?;
+
+        // vial's own QMP monitor: bind the listener, hand it to QEMU, connect at once.
+        let control_path = self.run_path(paths::CONTROL);
+        let _ = std::fs::remove_file(&control_path);
+        let control_listener = std::os::unix::net::UnixListener::bind(&control_path)
+            .map_err(|err| fail(Outcome::SetupFailed, format!("cannot bind {}: {err}", control_path.display())))?;
+        self.created.push(control_path.clone());
+        // Files QEMU creates; removed on exit in case QEMU is killed before it can.
+        for name in [paths::QMP, paths::CONSOLE] {
+            let path = self.run_path(name);
+            let _ = std::fs::remove_file(&path);
+            self.created.push(path);
+        }
+        let control = tokio::net::UnixStream::connect(&control_path).await.map_err(|err| {
+            fail(Outcome::SetupFailed, format!("cannot connect to {}: {err}", control_path.display()))
+        })?;
+
+        let launch = Launch {
+            accel,
+            run_dir: self.config.run_dir.clone(),
+            disks,
+            share,
+            control_fd: control_listener.as_raw_fd(),
+            name: self.config.name.clone(),
+            data_nics: Vec::new(),
+            extra_args: self.config.qemu_args.clone(),
+        };
+        let argv = vm::qemu_argv(&profile, &launch);
+        let child = vm::launch::spawn_qemu(&argv, &[control_listener.as_raw_fd()]).map_err(|err| match err {
+            vm::launch::LaunchError::QemuMissing { .. } => fail(Outcome::QemuMissing, err),
+            other => fail(
+                Outcome::SetupFailed,
+                format!("{other}: {}", std::error::Error::source(&other).map(|s| s.to_string()).unwrap_or_default()),
+            ),
+        })?;
+        // QEMU holds the listener now; ours would only keep the socket alive after QEMU dies.
+        drop(OwnedFd::from(control_listener));
+        let pid = child.id();
+        self.status.send_modify(|status| status.qemu_pid = Some(pid));
+        self.set_phase(Phase::Booting, None);
+        Ok((pid, control))
+    }
+
+    /// Watches QEMU until it is gone and returns how the run ended.
+    async fn supervise(&mut self, qemu_pid: u32, control: tokio::net::UnixStream, signals: &mut Signals) -> Outcome {
+        let profile = self.config.profile.clone();
+        let mut stop = Stop::NotRequested;
+        let mut qmp_handle: Option<qmp::Qmp> = None;
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+        let mut probe_task: Option<tokio::task::JoinHandle<()>> = None;
+        let mut events: Option<qmp::Events> = None;
+        let mut run_state = RunState::Running;
+
+        // QMP negotiation runs beside the loop, so signals and QEMU's death are seen while
+        // QEMU is still starting.
+        let mut negotiation = Box::pin(tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect(control)));
+        let mut negotiating = true;
+
+        loop {
+            let deadline = match stop {
+                Stop::PoweringDown { deadline } | Stop::Quitting { deadline } => Some(deadline),
+                _ => None,
+            };
+            tokio::select! {
+                result = &mut negotiation, if negotiating => {
+                    negotiating = false;
+                    match result {
+                        Ok(Ok((handle, stream))) => {
+                            tracing::info!("qmp negotiated");
+                            if let Some(state) = self.after_negotiation(&handle).await {
+                                run_state = state;
+                            }
+                            events = Some(stream);
+                            // A stop requested while QEMU was starting goes out now.
+                            if let Stop::PoweringDown { .. } = stop {
+                                press_power_button(&handle).await;
+                            }
+                            if stop == Stop::NotRequested {
+                                probe_task = Some(self.start_probe(ready_tx.clone()));
+                            }
+                            qmp_handle = Some(handle);
+                        }
+                        Ok(Err(err)) => tracing::warn!(%err, "qmp negotiation failed; supervising qemu without it"),
+                        Err(_) => tracing::warn!(timeout = ?QMP_GREETING_TIMEOUT, "qemu did not greet on qmp in time; supervising qemu without it"),
+                    }
+                }
+                event = recv_event(&mut events) => match event {
+                    Some(event) => {
+                        run_state = qmp::next_run_state(&run_state, &event);
+                        self.status.send_modify(|status| status.vm_run_state = Some(run_state.as_str().to_string()));
+                        self.on_event(&event, &mut probe_task, &ready_tx, stop);
+                    }
+                    None => {
+                        tracing::debug!("qmp closed");
+                        events = None;
+                    }
+                },
+                Some(()) = ready_rx.recv() => {
+                    if stop == Stop::NotRequested && self.status.borrow().phase == Phase::Booting {
+                        self.set_phase(Phase::Ready, None);
+                    }
+                }
+                _ = signals.child.recv() => {
+                    let (ended, count) = reaper::reap_all(Some(qemu_pid));
+                    if count > 0 {
+                        tracing::debug!(count, "reaped children");
+                    }
+                    if let Some(ended) = ended {
+                        if let Some(task) = probe_task.take() {
+                            task.abort();
+                        }
+                        return self.qemu_ended(ended, stop);
+                    }
+                }
+                _ = signals.term.recv() => stop = self.on_stop_signal(Signal::SIGTERM, stop, qemu_pid, qmp_handle.as_ref()).await,
+                _ = signals.int.recv() => stop = self.on_stop_signal(Signal::SIGINT, stop, qemu_pid, qmp_handle.as_ref()).await,
+                _ = signals.quit.recv() => stop = force_stop(Signal::SIGQUIT, qemu_pid),
+                _ = signals.hup.recv() => tracing::info!("SIGHUP ignored (vial has no configuration to reload; restart the container instead)"),
+                _ = signals.usr1.recv() => {
+                    let json = self.status.borrow().to_json(Instant::now());
+                    tracing::info!(status = %json, "status on SIGUSR1");
+                }
+                _ = sleep_until(deadline) => {
+                    stop = match stop {
+                        Stop::PoweringDown { .. } => {
+                            tracing::warn!(timeout = ?profile.stop_timeout, "guest did not power off in time; sending quit");
+                            match &qmp_handle {
+                                Some(handle) => {
+                                    if let Err(err) = handle.quit().await {
+                                        tracing::warn!(%err, "qmp quit failed");
+                                    }
+                                    Stop::Quitting { deadline: Instant::now() + QUIT_GRACE }
+                                }
+                                None => kill_qemu(qemu_pid),
+                            }
+                        }
+                        Stop::Quitting { .. } => {
+                            tracing::warn!("qemu did not quit in time; killing it");
+                            kill_qemu(qemu_pid)
+                        }
+                        other => other,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Reads the run state and the accelerator QEMU really uses.
+    async fn after_negotiation(&self, handle: &qmp::Qmp) -> Option<RunState> {
+        let state = match handle.query_status().await {
+            Ok(state) => {
+                self.status.send_modify(|status| status.vm_run_state = Some(state.as_str().to_string()));
+                Some(state)
+            }
+            Err(err) => {
+                tracing::warn!(%err, "query-status failed");
+                None
+            }
+        };
+        // Report the accelerator QEMU really uses, not only the one asked for.
+        match handle.query_kvm().await {
+            Ok(enabled) => {
+                let accel = if enabled { Accel::Kvm } else { Accel::Tcg };
+                self.status.send_modify(|status| status.accel = Some(accel.as_str().into()));
+            }
+            Err(err) => tracing::debug!(%err, "query-kvm failed"),
+        }
+        state
+    }
+
+    fn on_event(
+        &self,
+        event: &VmEvent,
+        probe_task: &mut Option<tokio::task::JoinHandle<()>>,
+        ready_tx: &mpsc::UnboundedSender<()>,
+        stop: Stop,
+    ) {
+        tracing::info!(?event, "vm event");
+        match event {
+            VmEvent::Shutdown { guest, reason } => {
+                tracing::info!(guest, %reason, "guest shut down");
+            }
+            VmEvent::Reset { .. } if stop == Stop::NotRequested => {
+                // The guest rebooted: it is not ready again until the probe passes again.
+                if let Some(task) = probe_task.take() {
+                    task.abort();
+                }
+                self.set_phase(Phase::Booting, Some("guest rebooted".into()));
+                *probe_task = Some(self.start_probe(ready_tx.clone()));
+            }
+            VmEvent::GuestPanicked => self.set_phase(Phase::Failed, Some("guest panicked".into())),
+            _ => {}
+        }
+    }
+
+    async fn on_stop_signal(&self, signal: Signal, stop: Stop, qemu_pid: u32, qmp_handle: Option<&qmp::Qmp>) -> Stop {
+        if stop != Stop::NotRequested {
+            tracing::warn!(signal = signal.as_str(), "second stop signal: forcing the stop");
+            return force_stop(signal, qemu_pid);
+        }
+        tracing::info!(signal = signal.as_str(), timeout = ?self.config.profile.stop_timeout, "stopping: pressing the guest's power button");
+        self.set_phase(Phase::Stopping, Some(format!("{} received", signal.as_str())));
+        if let Some(handle) = qmp_handle {
+            press_power_button(handle).await;
+        }
+        Stop::PoweringDown { deadline: Instant::now() + self.config.profile.stop_timeout }
+    }
+
+    fn qemu_ended(&self, ended: Ended, stop: Stop) -> Outcome {
+        tracing::info!(%ended, "qemu exited");
+        self.status.send_modify(|status| status.qemu_pid = None);
+        let outcome = match stop {
+            Stop::Forced(signal) => Outcome::ForcedBySignal(signal),
+            Stop::Killed => Outcome::KilledQemu,
+            Stop::Quitting { .. } => Outcome::QuitAfterStopTimeout,
+            // QEMU exits 0 only when the guest powered off or someone sent `quit` on the public
+            // monitor; both are clean. The SHUTDOWN event is not relied on: a newer QEMU's
+            // reason may not fit the schema, and then the event is logged and dropped.
+            Stop::PoweringDown { .. } | Stop::NotRequested if ended == Ended::Exited(0) => Outcome::GuestPoweredOff,
+            _ => Outcome::QemuCrashed,
+        };
+        if outcome == Outcome::QemuCrashed {
+            self.set_phase(Phase::Failed, Some(format!("qemu exited unexpectedly: {ended}")));
+        } else {
+            self.set_phase(Phase::Stopped, Some(outcome.describe()));
+        }
+        outcome
+    }
+
+    fn start_probe(&self, ready: mpsc::UnboundedSender<()>) -> tokio::task::JoinHandle<()> {
+        let profile = &self.config.profile;
+        let interval = profile.probe_interval;
+        let probe = profile.probe.clone();
+        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        let console_log = self.run_path(paths::CONSOLE_LOG);
+        tokio::spawn(async move {
+            let passed = match probe {
+                Probe::Tcp { port, send, expect } => {
+                    let Some(addr) = mgmt else { return };
+                    let target = SocketAddrV4::new(addr, port);
+                    loop {
+                        if probe_tcp(target, &send, &expect).await {
+                            break true;
+                        }
+                        tokio::time::sleep(interval).await;
+                    }
+                }
+                Probe::Serial { pattern } => watch_console(&console_log, pattern.as_bytes(), interval).await,
+            };
+            if passed {
+                let _ = ready.send(());
+            }
+        })
+    }
+
+    /// The one way out: kill QEMU if it still runs, remove what vial created, persist the
+    /// final status for `vial health` to show after the supervisor is gone.
+    fn teardown(&self, outcome: Outcome) {
+        if let Some(pid) = self.status.borrow().qemu_pid {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        for path in &self.created {
+            let _ = std::fs::remove_file(path);
+        }
+        let status = self.status.borrow().clone();
+        if let Err(err) = health::persist_last_status(&self.config.run_dir, &status, Instant::now()) {
+            tracing::warn!(%err, "cannot persist the final status");
+        }
+        tracing::info!(code = outcome.code(), outcome = %outcome.describe(), "vial exits");
+    }
+}
+
+async fn press_power_button(handle: &qmp::Qmp) {
+    if let Err(err) = handle.system_powerdown().await {
+        tracing::warn!(%err, "system_powerdown failed");
+    }
+}
+
+fn force_stop(signal: Signal, qemu_pid: u32) -> Stop {
+    tracing::warn!(signal = signal.as_str(), "forced stop: killing qemu");
+    let _ = killpg(Pid::from_raw(qemu_pid as i32), Signal::SIGKILL);
+    Stop::Forced(signal as i32)
+}
+
+fn kill_qemu(qemu_pid: u32) -> Stop {
+    let _ = killpg(Pid::from_raw(qemu_pid as i32), Signal::SIGKILL);
+    Stop::Killed
+}
+
+async fn recv_event(events: &mut Option<qmp::Events>) -> Option<VmEvent> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One TCP readiness attempt through a forward: connect, send, and require a reply (QEMU's
+/// user networking accepts on the container side before it knows whether the guest listens,
+/// so only bytes from the guest prove it is up).
+pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool {
+    const ATTEMPT: Duration = Duration::from_secs(2);
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await.ok()?;
+        if !send.is_empty() {
+            stream.write_all(send).await.ok()?;
+        }
+        let want = expect.len().max(1);
+        let mut reply = Vec::with_capacity(want);
+        let mut buf = [0u8; 256];
+        while reply.len() < want {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        Some(reply.starts_with(expect))
+    };
+    matches!(tokio::time::timeout(ATTEMPT, attempt).await, Ok(Some(true)))
+}
+
+/// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
+/// a plain file QEMU appends to, and a probe is periodic by nature. Reads only what is new
+/// (a small local read, fine on the supervisor's thread).
+async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut offset = 0u64;
+    let mut window: Vec<u8> = Vec::new();
+    loop {
+        if let Ok(mut file) = std::fs::File::open(log) {
+            let mut fresh = Vec::new();
+            if file.seek(SeekFrom::Start(offset)).is_ok() && file.read_to_end(&mut fresh).is_ok() && !fresh.is_empty() {
+                offset += fresh.len() as u64;
+                window.extend_from_slice(&fresh);
+                if window.windows(pattern.len()).any(|w| w == pattern) {
+                    return true;
+                }
+                // Keep only what could still be the start of a match.
+                let keep = pattern.len().saturating_sub(1);
+                if window.len() > keep {
+                    window.drain(..window.len() - keep);
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// The QEMU argv `vial run` would use with this configuration, without creating anything
+/// (`vial argv`): overlays are named but not made, and the control monitor's descriptor is
+/// shown as 3.
+pub fn dry_run_argv(config: &Config) -> Result<Vec<std::ffi::OsString>, SetupFailure> {
+    let profile = &config.profile;
+    let (accel, _) =
+        vm::resolve_accel(profile.accel, crate::sys::kvm_usable).map_err(|err| fail(Outcome::Config, err))?;
+    let launch = Launch {
+        accel,
+        run_dir: config.run_dir.clone(),
+        disks: (0..profile.disks.len()).map(|i| vm::disk::overlay_path(&config.state_dir, i)).collect(),
+        share: profile.share.as_ref().filter(|s| s.path.is_dir()).map(|s| s.path.clone()),
+        control_fd: 3,
+        name: config.name.clone(),
+        data_nics: Vec::new(),
+        extra_args: config.qemu_args.clone(),
+    };
+    Ok(vm::qemu_argv(profile, &launch))
+}

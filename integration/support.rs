@@ -169,9 +169,12 @@ impl Sandbox {
         .stderr(log);
         let child = cmd.spawn().expect("spawn ip netns exec unshare");
         let unshare = child.id();
-        self.child = Some(child);
-        // `unshare --fork` makes vial its child; find its pid as the host sees it.
-        wait_until(Duration::from_secs(10), "vial to start in the sandbox", || children(unshare).first().copied())
+        let child = self.child.insert(child);
+        // `unshare --fork` makes vial its child; find its pid as the host sees it. A vial that
+        // fails at once may be gone before it is seen: then there is no pid to return (0).
+        wait_until(Duration::from_secs(10), "vial to start in the sandbox", || {
+            children(unshare).first().copied().or_else(|| child.try_wait().unwrap().map(|_| 0))
+        })
     }
 
     /// Waits for the sandbox to end and returns vial's exit status (unshare passes it on).

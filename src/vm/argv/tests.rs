@@ -37,7 +37,7 @@ fn linux_profile_argv_under_tcg() {
     let expected = format!(
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 256 -smp 1 \
 -nodefaults -no-user-config -display none \
--kernel /etc/vial/guest/vmlinuz -initrd /etc/vial/guest/initrd.img -append console=ttyS0 quiet panic=-1 \
+-kernel /etc/vial/guest/vmlinux -initrd /etc/vial/guest/initrd.img -append console=ttyS0 quiet panic=-1 \
 -netdev user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:80-:80 \
 -device virtio-net-pci,netdev=mgmt,mac={mac0} \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \

@@ -1,0 +1,98 @@
+//! Build automation for vial, in the style of rust-analyzer's xtask: plain Rust instead of
+//! shell scripts or a Makefile, so it runs wherever cargo runs and errors can say what to do.
+//!
+//! Run it as `cargo xtask <command>` (the alias lives in `.cargo/config.toml`). Each command
+//! lives in its own module and exposes a `run()` so commands can build on each other.
+
+mod dist;
+mod guest;
+
+use std::{
+    env,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+const HELP: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  dist    build a fully static vial into target/dist/vial
+          (cargo build --release --target x86_64-unknown-linux-musl -p vial --bin vial)
+  guest   build the `linux` test guest (vmlinuz + initrd.img) into target/guest/linux
+          from the host's Debian packages; cached, a no-op when nothing changed
+  help    print this message
+";
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Printed by hand instead of returning the error from `main`: that prints its
+            // Debug form, which appends a backtrace whenever RUST_BACKTRACE is set and buries
+            // the message that says what to fix.
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> Result<()> {
+    // Hand-rolled on purpose: two commands without options do not justify an argument
+    // parser dependency that every `cargo xtask` run would have to compile.
+    let args: Vec<String> = env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["dist"] => {
+            dist::run()?;
+        }
+        ["guest"] => {
+            guest::run()?;
+        }
+        [] | ["help" | "-h" | "--help"] => print!("{HELP}"),
+        _ => bail!("unknown arguments `cargo xtask {}`\n\n{HELP}", args.join(" ")),
+    }
+    Ok(())
+}
+
+/// The workspace root. xtask is always built from `<root>/xtask`, so the compile-time
+/// manifest dir is reliable no matter which directory `cargo xtask` is run from.
+pub(crate) fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask's manifest dir has a parent").to_path_buf()
+}
+
+/// Where cargo puts build artifacts: `CARGO_TARGET_DIR` if set (relative to the workspace
+/// root, as cargo does when run from there), else `<root>/target`.
+pub(crate) fn cargo_target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => project_root().join(dir),
+        _ => project_root().join("target"),
+    }
+}
+
+/// Runs `program args...` with inherited stdio in the workspace root and fails with the
+/// full command line if it cannot be started or exits unsuccessfully.
+pub(crate) fn run_cmd<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Result<()> {
+    let mut cmd = Command::new(program.as_ref());
+    cmd.args(args).current_dir(project_root());
+    let status = cmd.status().with_context(|| format!("could not start `{}`", display_cmd(&cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display_cmd(&cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn display_cmd(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}

@@ -74,12 +74,12 @@ fn missing_disk_is_reported_with_its_path() {
 fn relative_assets_resolve_against_the_profile_folder() {
     let dir = std::env::temp_dir().join(format!("vial-config-test-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("guest")).unwrap();
-    std::fs::write(dir.join("guest/vmlinuz"), b"k").unwrap();
+    std::fs::write(dir.join("guest/vmlinux"), b"k").unwrap();
     std::fs::write(dir.join("guest/initrd.img"), b"i").unwrap();
     let (file, _) = repo_profile("linux");
     let config = Config::from_file(file, dir.join("profile.toml"), &Overrides::default(), "h").unwrap();
     assert!(config.profile.missing_files().is_empty());
-    assert_eq!(config.profile.boot.unwrap().kernel, dir.join("guest/vmlinuz"));
+    assert_eq!(config.profile.boot.unwrap().kernel, dir.join("guest/vmlinux"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -6,6 +6,8 @@
 
 mod dist;
 mod guest;
+mod setup;
+mod test;
 
 use std::{
     env,
@@ -24,6 +26,9 @@ Commands:
           (cargo build --release --target x86_64-unknown-linux-musl -p vial --bin vial)
   guest   build the `linux` test guest (vmlinuz + initrd.img) into target/guest/linux
           from the host's Debian packages; cached, a no-op when nothing changed
+  setup   install the Debian packages building and testing need (as root)
+  test    setup, dist, guest, then every test of the workspace (what CI runs);
+          arguments after `--` go to `cargo test`
   help    print this message
 ";
 
@@ -55,6 +60,8 @@ fn try_main() -> Result<()> {
         ["guest"] => {
             guest::run()?;
         }
+        ["setup"] => setup::run()?,
+        ["test", rest @ ..] => test::run(rest.strip_prefix(&["--"]).unwrap_or(rest))?,
         [] | ["help" | "-h" | "--help"] => print!("{HELP}"),
         _ => bail!("unknown arguments `cargo xtask {}`\n\n{HELP}", args.join(" ")),
     }

@@ -1,0 +1,14 @@
+//! `cargo xtask test`: the whole check, as CI runs it. Installs what is missing, builds the
+//! static binary and the test guest, then runs every test of the workspace.
+
+use anyhow::{Context, Result};
+
+pub(crate) fn run(extra: &[&str]) -> Result<()> {
+    crate::setup::run()?;
+    crate::dist::run()?;
+    crate::guest::run()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    args.extend_from_slice(extra);
+    crate::run_cmd(&cargo, &args).context("tests failed")
+}

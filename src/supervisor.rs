@@ -27,6 +27,8 @@ use crate::vm::{self, argv::paths, Accel, Launch};
 
 /// How long `quit` gets before QEMU is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How often the power button is pressed again while the guest has not powered off.
+const REPRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long QEMU gets to greet on QMP after it starts.
 const QMP_GREETING_TIMEOUT: Duration = Duration::from_secs(30);
 /// The device every endpoint needs (DESIGN.md: the endpoint container contract).
@@ -89,7 +91,13 @@ enum Stop {
     /// Nobody asked to stop.
     NotRequested,
     /// The ACPI power button was pressed; waiting until the deadline.
-    PoweringDown { deadline: Instant },
+    PoweringDown {
+        /// When to give up and `quit`.
+        deadline: Instant,
+        /// When to press the button again: a press before the guest's ACPI handler runs
+        /// (early in boot) is lost, and the kernel keeps no record of it.
+        repress: Instant,
+    },
     /// `quit` was sent; waiting until the deadline, then SIGKILL.
     Quitting { deadline: Instant },
     /// SIGKILL was sent.
@@ -285,7 +293,8 @@ impl Endpoint {
 
         loop {
             let deadline = match stop {
-                Stop::PoweringDown { deadline } | Stop::Quitting { deadline } => Some(deadline),
+                Stop::PoweringDown { deadline, repress } => Some(deadline.min(repress)),
+                Stop::Quitting { deadline } => Some(deadline),
                 _ => None,
             };
             tokio::select! {
@@ -349,6 +358,13 @@ impl Endpoint {
                 }
                 _ = sleep_until(deadline) => {
                     stop = match stop {
+                        Stop::PoweringDown { deadline, .. } if Instant::now() < deadline => {
+                            if let Some(handle) = &qmp_handle {
+                                tracing::debug!("pressing the power button again");
+                                press_power_button(handle).await;
+                            }
+                            Stop::PoweringDown { deadline, repress: Instant::now() + REPRESS_INTERVAL }
+                        }
                         Stop::PoweringDown { .. } => {
                             tracing::warn!(timeout = ?profile.stop_timeout, "guest did not power off in time; sending quit");
                             match &qmp_handle {
@@ -430,7 +446,8 @@ impl Endpoint {
         if let Some(handle) = qmp_handle {
             press_power_button(handle).await;
         }
-        Stop::PoweringDown { deadline: Instant::now() + self.config.profile.stop_timeout }
+        let now = Instant::now();
+        Stop::PoweringDown { deadline: now + self.config.profile.stop_timeout, repress: now + REPRESS_INTERVAL }
     }
 
     fn qemu_ended(&self, ended: Ended, stop: Stop) -> Outcome {

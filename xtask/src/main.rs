@@ -4,6 +4,7 @@
 //! Run it as `cargo xtask <command>` (the alias lives in `.cargo/config.toml`). Each command
 //! lives in its own module and exposes a `run()` so commands can build on each other.
 
+mod demo;
 mod dist;
 mod guest;
 mod setup;
@@ -26,6 +27,8 @@ Commands:
           (cargo build --release --target x86_64-unknown-linux-musl -p vial --bin vial)
   guest   build the `linux` test guest (vmlinuz + initrd.img) into target/guest/linux
           from the host's Debian packages; cached, a no-op when nothing changed
+  demo    set up, build, and run one endpoint (vial + the linux guest) in a sandbox;
+          Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
   setup   install the Debian packages building and testing need (as root)
   test    setup, dist, guest, then every test of the workspace (what CI runs);
           arguments after `--` go to `cargo test`
@@ -60,6 +63,7 @@ fn try_main() -> Result<()> {
         ["guest"] => {
             guest::run()?;
         }
+        ["demo", rest @ ..] => demo::run(rest)?,
         ["setup"] => setup::run()?,
         ["test", rest @ ..] => test::run(rest.strip_prefix(&["--"]).unwrap_or(rest))?,
         [] | ["help" | "-h" | "--help"] => print!("{HELP}"),

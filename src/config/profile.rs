@@ -43,6 +43,40 @@ pub struct ProfileFile {
     /// The credentials the image's first boot created (used by tools, reported in docs).
     #[serde(default)]
     pub credentials: Option<Credentials>,
+    /// Steps that `cargo xtask image` drives on the serial console at the image's first boot
+    /// (Stage 1: user, DHCP, APIs, power-off). `vial` itself never runs them.
+    #[serde(default)]
+    pub first_boot: Vec<FirstBootStepFile>,
+}
+
+/// `[[first_boot]]`: wait for a pattern on the serial console, then send a line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirstBootStepFile {
+    /// What the step does, for progress and errors.
+    pub name: String,
+    /// Text to wait for on the console before sending (empty: send at once).
+    #[serde(default)]
+    pub expect: String,
+    /// Text to send after the pattern appeared (a newline is appended).
+    #[serde(default)]
+    pub send: Option<String>,
+    /// How long to wait for the pattern.
+    #[serde(default = "default_step_timeout")]
+    pub timeout: String,
+}
+
+/// A validated first-boot step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstBootStep {
+    /// Name.
+    pub name: String,
+    /// Pattern to wait for.
+    pub expect: String,
+    /// Line to send.
+    pub send: Option<String>,
+    /// Time allowed for the pattern.
+    pub timeout: Duration,
 }
 
 /// `[machine]`.
@@ -269,6 +303,9 @@ fn default_true() -> bool {
 fn default_interval() -> String {
     "250ms".into()
 }
+fn default_step_timeout() -> String {
+    "60s".into()
+}
 fn default_stop_timeout() -> String {
     "8s".into()
 }
@@ -460,6 +497,8 @@ pub struct Profile {
     pub stop_timeout: Duration,
     /// Credentials.
     pub credentials: Option<Credentials>,
+    /// First-boot steps (used by `cargo xtask image`).
+    pub first_boot: Vec<FirstBootStep>,
 }
 
 const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3"];
@@ -671,6 +710,25 @@ impl ProfileFile {
                 Duration::ZERO
             });
 
+        let first_boot = self
+            .first_boot
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                if step.name.is_empty() {
+                    bad(&format!("first_boot[{i}].name"), &"", "name the step, e.g. \"create user antidote\"");
+                }
+                if step.expect.is_empty() && step.send.is_none() {
+                    bad(&format!("first_boot[{i}]"), &step.name, "give expect, send or both");
+                }
+                let timeout = parse_duration(&step.timeout).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+                    bad(&format!("first_boot[{i}].timeout"), &step.timeout, "give a duration such as 60s or 10m");
+                    Duration::ZERO
+                });
+                FirstBootStep { name: step.name.clone(), expect: step.expect.clone(), send: step.send.clone(), timeout }
+            })
+            .collect();
+
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -697,6 +755,7 @@ impl ProfileFile {
             probe_interval,
             stop_timeout,
             credentials: self.credentials.clone(),
+            first_boot,
         })
     }
 }

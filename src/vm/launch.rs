@@ -49,5 +49,9 @@ pub fn spawn_qemu(argv: &[OsString], inherit: &[RawFd]) -> Result<Child, LaunchE
     command.args(&argv[1..]).stdin(Stdio::null());
     tracing::info!(binary = %binary.display(), "starting qemu");
     tracing::debug!(argv = ?argv, "qemu argv");
-    crate::sys::spawn_supervised(&mut command, inherit).map_err(|source| LaunchError::Spawn { binary, source })
+    let child =
+        crate::sys::spawn_supervised(&mut command, inherit).map_err(|source| LaunchError::Spawn { binary, source })?;
+    // `spawn` returns once the exec succeeded (std waits on a close-on-exec pipe).
+    tracing::info!(pid = child.id(), "qemu started");
+    Ok(child)
 }

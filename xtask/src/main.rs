@@ -4,6 +4,7 @@
 //! Run it as `cargo xtask <command>` (the alias lives in `.cargo/config.toml`). Each command
 //! lives in its own module and exposes a `run()` so commands can build on each other.
 
+mod bench;
 mod demo;
 mod dist;
 mod guest;
@@ -27,6 +28,7 @@ Commands:
           (cargo build --release --target x86_64-unknown-linux-musl -p vial --bin vial)
   guest   build the `linux` test guest (vmlinuz + initrd.img) into target/guest/linux
           from the host's Debian packages; cached, a no-op when nothing changed
+  bench   what vial costs against QEMU launched directly, as ratios in one run
   demo    set up, build, and run one endpoint (vial + the linux guest) in a sandbox;
           Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
   setup   install the Debian packages building and testing need (as root)
@@ -63,6 +65,7 @@ fn try_main() -> Result<()> {
         ["guest"] => {
             guest::run()?;
         }
+        ["bench"] => bench::run()?,
         ["demo", rest @ ..] => demo::run(rest)?,
         ["setup"] => setup::run()?,
         ["test", rest @ ..] => test::run(rest.strip_prefix(&["--"]).unwrap_or(rest))?,

@@ -130,3 +130,15 @@ fn missing_dev_net_tun_is_a_one_line_error_with_its_exit_code() {
     let line = log.lines().find(|l| l.contains("/dev/net/tun")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("--device /dev/net/tun"), "{line}");
 }
+
+#[test]
+fn sigterm_early_in_boot_still_powers_the_guest_off_cleanly() {
+    // A power-button press before the guest's ACPI handler runs is lost; vial presses again.
+    let mut sandbox = Sandbox::new("early");
+    let vial = sandbox.start(&[("VIAL_STOP_TIMEOUT", "120s")], "");
+    wait_until(Duration::from_secs(30), "qmp negotiated", || sandbox.status().filter(|s| s["vm"] == "running"));
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(Duration::from_secs(180));
+    assert_eq!(exit.code(), Some(0), "{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+}

@@ -8,7 +8,8 @@ pub(crate) fn run(extra: &[&str]) -> Result<()> {
     crate::dist::run()?;
     crate::guest::run()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    // No doc tests: there are none, and their empty summary would be the run's last line.
+    let mut args = vec!["test", "--workspace", "--no-fail-fast", "--lib", "--bins", "--tests"];
     args.extend_from_slice(extra);
     crate::run_cmd(&cargo, &args).context("tests failed")
 }

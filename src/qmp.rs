@@ -2,22 +2,31 @@
 //! to their replies by `id`, the VM's events, and the run state those events imply.
 //!
 //! It owns one QMP connection over any `AsyncRead + AsyncWrite` stream (the Unix socket in
-//! production, `tokio::io::duplex` in tests). It never spawns, signals or waits for QEMU: the
-//! process belongs to `vm` and the supervisor; this module only talks to it.
+//! production, `tokio::io::duplex` in tests). Over a Unix socket (`connect_unix`) it also passes
+//! file descriptors to QEMU (`getfd`), which is how a NIC is hot-plugged on a tap that vial opened
+//! (`hotplug_nic`, `unplug_nic`). It never spawns, signals or waits for QEMU, and never opens a
+//! tap: the process belongs to `vm` and the supervisor, the links to `net`; this module only
+//! talks to QEMU.
 //!
 //! References: QEMU's "QEMU Machine Protocol Specification" (docs/interop/qmp-spec) and the QMP
 //! reference manual (the QAPI schema, mirrored by the `qapi-qmp` crate).
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use qapi::qmp::QmpCommand;
 use qapi::Enum as _;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Interest, WriteHalf};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -75,6 +84,48 @@ pub enum QmpError {
         #[source]
         source: serde_json::Error,
     },
+    /// `getfd` on a connection made with `connect`: only a Unix socket can carry a descriptor,
+    /// and only `connect_unix` keeps hold of the socket to do it.
+    #[error("cannot pass file descriptor {fdname}: the qmp connection was not made with connect_unix")]
+    FdPassingUnsupported {
+        /// The name the descriptor would have had in QEMU.
+        fdname: String,
+    },
+    /// Duplicating a descriptor for the writer task failed (EMFILE, ENFILE).
+    #[error("duplicating file descriptor {fdname} to pass it to qemu failed")]
+    DuplicateFd {
+        /// The name the descriptor would have had in QEMU.
+        fdname: String,
+        /// The error from `fcntl(F_DUPFD_CLOEXEC)`.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `device_del` was accepted but no `DEVICE_DELETED` came in time. For PCI the guest must
+    /// release the device (ACPI eject); QEMU keeps the request pending until it does or until
+    /// the next system reset.
+    #[error("no DEVICE_DELETED event within {timeout:?}; the guest has not released the device")]
+    DeviceDeletedTimeout {
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// A step of `hotplug_nic` failed; the steps before it were undone.
+    #[error("hot-plugging nic {device} failed")]
+    HotplugNic {
+        /// The guest device's id.
+        device: String,
+        /// The step that failed.
+        #[source]
+        source: Box<QmpError>,
+    },
+    /// A step of `unplug_nic` failed.
+    #[error("unplugging nic {device} failed")]
+    UnplugNic {
+        /// The guest device's id.
+        device: String,
+        /// The step that failed.
+        #[source]
+        source: Box<QmpError>,
+    },
 }
 
 /// An event from QEMU that the supervisor cares about, mapped from the QMP event of that name.
@@ -101,6 +152,15 @@ pub enum VmEvent {
     Resume,
     /// `GUEST_PANICKED`: the guest reported a panic through a pvpanic-like device.
     GuestPanicked,
+    /// `DEVICE_DELETED`: QEMU finished removing a device (after `device_del`, once the guest
+    /// released it). QEMU sends one for each QOM child that goes too (a virtio-net-pci NIC's
+    /// `.../virtio-backend`, without a `device`), then one for the device itself.
+    DeviceDeleted {
+        /// The device's id (`nic3`), when it had one.
+        device: Option<String>,
+        /// Its QOM path (`/machine/peripheral/nic3`).
+        path: String,
+    },
     /// Any other event that the `qapi-qmp` schema knows (`RTC_CHANGE`, `NIC_RX_FILTER_CHANGED`,
     /// ...). Forwarded by name only, so the supervisor can log it; it does not change the run
     /// state.
@@ -208,7 +268,8 @@ impl fmt::Display for RunState {
 /// - `RESUME` → `running`; `SHUTDOWN` → `shutdown`; `GUEST_PANICKED` → `guest-panicked`.
 /// - `RESET` keeps `running` (a reboot), but a reset of a VM that was not running leaves it in
 ///   `prelaunch` until `cont` (observed: `stop`, `system_reset`, `query-status` → `prelaunch`).
-/// - `POWERDOWN` only presses the ACPI button, and other events do not change the state.
+/// - `POWERDOWN` only presses the ACPI button, and other events (`DEVICE_DELETED`, ...) do not
+///   change the state.
 pub fn next_run_state(current: &RunState, event: &VmEvent) -> RunState {
     match event {
         VmEvent::Stop => match current {
@@ -222,7 +283,7 @@ pub fn next_run_state(current: &RunState, event: &VmEvent) -> RunState {
             RunState::Running | RunState::InMigrate | RunState::FinishMigrate => current.clone(),
             _ => RunState::Prelaunch,
         },
-        VmEvent::Powerdown | VmEvent::Other { .. } => current.clone(),
+        VmEvent::Powerdown | VmEvent::DeviceDeleted { .. } | VmEvent::Other { .. } => current.clone(),
     }
 }
 
@@ -234,15 +295,63 @@ pub struct Qmp {
 }
 
 /// What the handles share. The writer task holds only the `PendingTable`, not this, so that
-/// dropping the last handle closes `lines` and ends the writer task.
+/// dropping the last handle closes `requests` and ends the writer task.
 struct Link {
-    /// Whole request lines for the writer task. A separate writer means a caller that drops an
-    /// `execute` future mid-way can never leave half a line on the socket.
-    lines: mpsc::UnboundedSender<Vec<u8>>,
-    /// Commands waiting for their reply.
+    /// Whole requests for the writer task. A separate writer means a caller that drops an
+    /// `execute` future mid-way can never leave half a line on the socket, and a line that
+    /// carries descriptors is never interleaved with another.
+    requests: mpsc::UnboundedSender<Request>,
+    /// Commands waiting for their reply, and waiters for `DEVICE_DELETED`.
     pending: Arc<PendingTable>,
     /// The next request `id`; QMP echoes it in the reply (qmp-spec, "Commands Responses").
     next_id: AtomicU64,
+    /// Whether the writer can attach descriptors: the stream is a Unix socket (`connect_unix`).
+    passes_fds: bool,
+    /// Held from sending a `getfd` until its reply. QEMU's socket chardev keeps only the
+    /// descriptors of the latest read that brought any, closing older ones it still holds
+    /// (`tcp_chr_recv`, chardev/char-socket.c), and `getfd` takes them when it runs, which may
+    /// be after QEMU read further lines; so a second descriptor must not arrive before the first
+    /// `getfd` ran. Commands without descriptors need no such care and do not take the lock.
+    fd_command: tokio::sync::Mutex<()>,
+}
+
+/// One request line for the writer task, and the descriptors to send with it (SCM_RIGHTS).
+/// The descriptors are the client's own duplicates; the writer task closes them once sent.
+struct Request {
+    line: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// A NIC to hot-plug into the running VM: a tap backend (`netdev_add type=tap`) on descriptors
+/// that vial opened, and the guest device in front of it (`device_add`). QEMU receives its own
+/// duplicates of the descriptors, so the caller may drop this once `hotplug_nic` returned.
+///
+/// The descriptors are named after the netdev in QEMU's table: `<id>` for the tap and
+/// `<id>-vhost` for vhost-net, so each link owns one obvious set of names.
+#[derive(Debug)]
+pub struct HotplugNic {
+    /// The netdev id (`data3`), also the `getfd` name of `fd`. QEMU rejects names that start
+    /// with a digit.
+    pub id: String,
+    /// The guest device's id (`nic3`), which `unplug_nic` and `DEVICE_DELETED` name.
+    pub device_id: String,
+    /// The device model (`virtio-net-pci`, `e1000`, ...).
+    pub driver: String,
+    /// The guest MAC address (`02:00:00:00:00:03`).
+    pub mac: String,
+    /// The MTU the device offers the guest (virtio-net's `host_mtu`); `None` leaves it unset.
+    pub host_mtu: Option<u32>,
+    /// The tap: a TAP from /dev/net/tun, or a macvtap's /dev/tapN, opened read-write. QEMU
+    /// clears O_NONBLOCK on what it receives (`tcp_chr_recv`), and the open file description is
+    /// shared, so vial should not keep using this descriptor for non-blocking I/O afterwards.
+    pub fd: OwnedFd,
+    /// An open /dev/vhost-net, for in-kernel virtio-net (`vhostfd`, with `vhost=on`).
+    pub vhost_fd: Option<OwnedFd>,
+    /// The bus to plug into. `None` is the root bus, which hot-plugs on `pc` (ACPI PCI hotplug
+    /// on `pci.0`); `q35`'s `pcie.0` does not, so there it must name a `pcie-root-port`.
+    pub bus: Option<String>,
+    /// The slot and function on the bus (`addr`, e.g. `0x5` or `05.0`); `None` takes a free one.
+    pub pci_addr: Option<String>,
 }
 
 impl fmt::Debug for Qmp {
@@ -267,12 +376,16 @@ struct PendingTable {
 
 struct PendingInner {
     waiting: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Waiters for `DEVICE_DELETED`, by token: the device id and the sender to complete.
+    deletions: HashMap<u64, (String, oneshot::Sender<()>)>,
+    next_token: u64,
     closed: bool,
 }
 
 impl PendingTable {
     fn new() -> Self {
-        PendingTable { inner: Mutex::new(PendingInner { waiting: HashMap::new(), closed: false }) }
+        let inner = PendingInner { waiting: HashMap::new(), deletions: HashMap::new(), next_token: 0, closed: false };
+        PendingTable { inner: Mutex::new(inner) }
     }
 
     /// The table stays consistent even if a holder panicked, so a poisoned lock is still usable.
@@ -307,12 +420,39 @@ impl PendingTable {
         self.lock().waiting.remove(&id);
     }
 
+    /// Registers a waiter for the `DEVICE_DELETED` event of `device`. The reader task completes
+    /// it and still forwards the event, so the supervisor's receiver misses nothing.
+    fn watch_deletion(&self, device: &str) -> Result<DeletionWatch<'_>, QmpError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(QmpError::Closed);
+        }
+        let (sender, receiver) = oneshot::channel();
+        let token = inner.next_token;
+        inner.next_token += 1;
+        inner.deletions.insert(token, (device.to_string(), sender));
+        Ok(DeletionWatch { pending: self, token, receiver })
+    }
+
+    /// Completes every waiter for `device`.
+    fn device_deleted(&self, device: &str) {
+        let mut inner = self.lock();
+        let tokens: Vec<u64> =
+            inner.deletions.iter().filter(|(_, (watched, _))| watched == device).map(|(token, _)| *token).collect();
+        for token in tokens {
+            if let Some((_, sender)) = inner.deletions.remove(&token) {
+                let _ = sender.send(());
+            }
+        }
+    }
+
     /// Marks the connection closed. Dropping the senders wakes every waiting command, which
-    /// then reports `Closed`.
+    /// then reports `Closed`, and every deletion waiter.
     fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
         inner.waiting.clear();
+        inner.deletions.clear();
     }
 
     fn is_closed(&self) -> bool {
@@ -333,16 +473,77 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// A registered wait for one device's `DEVICE_DELETED`; dropping it (done, timed out or
+/// abandoned) removes the registration.
+struct DeletionWatch<'a> {
+    pending: &'a PendingTable,
+    token: u64,
+    receiver: oneshot::Receiver<()>,
+}
+
+impl DeletionWatch<'_> {
+    /// Waits for the event, up to `timeout`.
+    async fn wait(&mut self, timeout: Duration) -> Result<(), QmpError> {
+        match tokio::time::timeout(timeout, &mut self.receiver).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(QmpError::Closed),
+            Err(_) => Err(QmpError::DeviceDeletedTimeout { timeout }),
+        }
+    }
+}
+
+impl Drop for DeletionWatch<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().deletions.remove(&self.token);
+    }
+}
+
 /// Reads QEMU's greeting, negotiates capabilities, and starts the tasks that own the stream.
 ///
 /// Returns the command handle and the event receiver. Must be called inside a tokio runtime
 /// (it spawns a reader task and a writer task). It waits for QEMU as long as QEMU takes; wrap it
 /// in `tokio::time::timeout` to bound that.
+///
+/// A connection made this way cannot pass descriptors (`getfd` returns
+/// `FdPassingUnsupported`), even over a Unix socket: use `connect_unix` for that.
 pub async fn connect<S>(stream: S) -> Result<(Qmp, Events), QmpError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (read_half, mut write_half) = tokio::io::split(stream);
+    let (read_half, write_half) = tokio::io::split(stream);
+    start(read_half, write_half).await
+}
+
+/// Like `connect`, over QEMU's QMP Unix socket, keeping the socket so that `getfd` can pass
+/// descriptors on it (SCM_RIGHTS, unix(7)).
+pub async fn connect_unix(stream: UnixStream) -> Result<(Qmp, Events), QmpError> {
+    let (read_half, write_half) = stream.into_split();
+    start(read_half, write_half).await
+}
+
+/// The writing half of a QMP stream, and the Unix socket under it when there is one: the
+/// writer task sends a line that carries descriptors with `sendmsg(2)` on that socket.
+trait QmpWriter: AsyncWrite + Unpin + Send + 'static {
+    fn unix_socket(&self) -> Option<&UnixStream>;
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> QmpWriter for WriteHalf<S> {
+    fn unix_socket(&self) -> Option<&UnixStream> {
+        None
+    }
+}
+
+impl QmpWriter for OwnedWriteHalf {
+    fn unix_socket(&self) -> Option<&UnixStream> {
+        Some(self.as_ref())
+    }
+}
+
+async fn start<R, W>(read_half: R, mut write_half: W) -> Result<(Qmp, Events), QmpError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: QmpWriter,
+{
     let mut reader = BufReader::new(read_half);
     let mut line = Vec::new();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -353,12 +554,19 @@ where
         .map_err(|source| QmpError::Negotiate { source: Box::new(source) })?;
 
     let pending = Arc::new(PendingTable::new());
-    let (lines_tx, lines_rx) = mpsc::unbounded_channel();
+    let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+    let passes_fds = write_half.unix_socket().is_some();
     // The reader keeps the same BufReader: it may already hold bytes past the negotiation reply.
     tokio::spawn(read_messages(reader, Arc::clone(&pending), events_tx));
-    tokio::spawn(write_lines(write_half, lines_rx, Arc::clone(&pending)));
+    tokio::spawn(write_requests(write_half, requests_rx, Arc::clone(&pending)));
 
-    let link = Link { lines: lines_tx, pending, next_id: AtomicU64::new(1) };
+    let link = Link {
+        requests: requests_tx,
+        pending,
+        next_id: AtomicU64::new(1),
+        passes_fds,
+        fd_command: tokio::sync::Mutex::new(()),
+    };
     Ok((Qmp { link: Arc::new(link) }, events_rx))
 }
 
@@ -529,6 +737,7 @@ fn decode_event(message: Value) -> Option<VmEvent> {
         Event::STOP { .. } => VmEvent::Stop,
         Event::RESUME { .. } => VmEvent::Resume,
         Event::GUEST_PANICKED { .. } => VmEvent::GuestPanicked,
+        Event::DEVICE_DELETED { data, .. } => VmEvent::DeviceDeleted { device: data.device, path: data.path },
         _ => VmEvent::Other { name: raw.event },
     })
 }
@@ -557,6 +766,9 @@ async fn read_messages<R: AsyncRead + Unpin>(
             Message::Skip => {}
             Message::Event(message) => {
                 if let Some(event) = decode_event(message) {
+                    if let VmEvent::DeviceDeleted { device: Some(device), .. } = &event {
+                        pending.device_deleted(device);
+                    }
                     // Nobody listening is fine: the events are advisory.
                     let _ = events.send(event);
                 }
@@ -578,18 +790,62 @@ async fn read_messages<R: AsyncRead + Unpin>(
 
 /// The writer task: writes whole request lines in order until every `Qmp` handle is dropped.
 /// A write error means the socket is gone for commands, so it closes the pending table.
-async fn write_lines<W: AsyncWrite + Unpin>(
+async fn write_requests<W: QmpWriter>(
     mut writer: W,
-    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut requests: mpsc::UnboundedReceiver<Request>,
     pending: Arc<PendingTable>,
 ) {
-    while let Some(line) = lines.recv().await {
-        if let Err(error) = write_line(&mut writer, &line).await {
+    while let Some(request) = requests.recv().await {
+        let written = if request.fds.is_empty() {
+            write_line(&mut writer, &request.line).await
+        } else {
+            send_with_fds(&mut writer, &request.line, &request.fds).await
+        };
+        // Dropping the request closes the client's duplicates: QEMU holds its own now.
+        drop(request);
+        if let Err(error) = written {
             warn!(%error, "writing to the qmp socket failed; failing pending commands");
             pending.close();
             return;
         }
     }
+}
+
+/// Sends `line` with `fds` attached to its first byte (SCM_RIGHTS, unix(7)), then whatever part
+/// of the line the socket did not take, so that the whole line goes out before any other.
+///
+/// QEMU reads the descriptors with the bytes they came with and keeps them for the `getfd`
+/// that those bytes carry (`qemu_chr_fe_get_msgfd`). Waiting for room uses tokio's readiness:
+/// `writable()` sleeps until epoll reports the socket writable, and `try_io` clears that
+/// readiness when `sendmsg` still says EAGAIN, so a full socket costs no spinning.
+async fn send_with_fds<W: QmpWriter>(writer: &mut W, line: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    let sent = {
+        let Some(socket) = writer.unix_socket() else {
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "descriptors need a unix socket"));
+        };
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        loop {
+            socket.writable().await?;
+            let attempt = socket.try_io(Interest::WRITABLE, || {
+                let iov = [IoSlice::new(line)];
+                let rights = [ControlMessage::ScmRights(&raw)];
+                // MSG_NOSIGNAL: a QEMU that went away is an EPIPE to report, not a SIGPIPE.
+                sendmsg::<()>(socket.as_raw_fd(), &iov, &rights, MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(sent) => break sent,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    debug!(bytes = line.len(), "qmp socket full; waiting until qemu reads");
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+    };
+    debug!(fds = fds.len(), sent, bytes = line.len(), "qmp line sent with descriptors");
+    // A stream socket may take only part of the line; the descriptors went with that part.
+    write_line(writer, &line[sent..]).await
 }
 
 /// The reply to `query-status`. Parsed by hand rather than as `qapi::qmp::StatusInfo`, whose
@@ -604,15 +860,24 @@ impl Qmp {
     /// Runs a typed command from `qapi::qmp` (e.g. `qapi::qmp::query_kvm {}`) and decodes its
     /// `return` value as the schema says.
     pub async fn execute<C: QmpCommand>(&self, command: C) -> Result<C::Ok, QmpError> {
+        self.execute_with_fds(command, Vec::new()).await
+    }
+
+    /// `execute`, with `fds` sent on the same `sendmsg` as the command's line.
+    async fn execute_with_fds<C: QmpCommand>(&self, command: C, fds: Vec<OwnedFd>) -> Result<C::Ok, QmpError> {
         let arguments = serde_json::to_value(&command)
             .map_err(|source| QmpError::Encode { command: C::NAME.to_string(), source })?;
-        let value = self.execute_raw(C::NAME, arguments).await?;
+        let value = self.request(C::NAME, arguments, fds).await?;
         serde_json::from_value(value).map_err(|source| QmpError::Decode { command: C::NAME.to_string(), source })
     }
 
     /// Runs command `name` with `arguments` (a JSON object, or `Value::Null` for none) and
     /// returns its `return` value as JSON. For commands the typed API makes awkward.
     pub async fn execute_raw(&self, name: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.request(name, arguments, Vec::new()).await
+    }
+
+    async fn request(&self, name: &str, arguments: Value, fds: Vec<OwnedFd>) -> Result<Value, QmpError> {
         let id = self.link.next_id.fetch_add(1, Ordering::Relaxed);
         let mut request = serde_json::Map::new();
         request.insert("execute".into(), Value::from(name));
@@ -627,8 +892,8 @@ impl Qmp {
 
         let receiver = self.link.pending.register(id)?;
         let _guard = PendingGuard { pending: &self.link.pending, id };
-        debug!(command = name, id, "qmp command");
-        self.link.lines.send(line).map_err(|_| QmpError::Closed)?;
+        debug!(command = name, id, fds = fds.len(), "qmp command");
+        self.link.requests.send(Request { line, fds }).map_err(|_| QmpError::Closed)?;
         match receiver.await.map_err(|_| QmpError::Closed)? {
             Reply::Return(value) => Ok(value),
             Reply::Error { class, desc } => Err(QmpError::Command { command: name.to_string(), class, desc }),
@@ -660,6 +925,158 @@ impl Qmp {
     pub async fn quit(&self) -> Result<(), QmpError> {
         match self.execute(qapi::qmp::quit {}).await {
             Ok(_) | Err(QmpError::Closed) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Hands QEMU a duplicate of `fd` under `name` (`getfd`), for a later command on this same
+    /// connection to use (`netdev_add ... fd=<name>`); QEMU's table of named descriptors is per
+    /// monitor. A name already in the table is replaced (QEMU closes the old descriptor).
+    ///
+    /// Needs a connection from `connect_unix`; otherwise returns `FdPassingUnsupported` without
+    /// sending anything. Do not abandon the future once it is polled: the descriptor may still
+    /// reach QEMU after the caller gave up, and collide with the next one (see `fd_command`).
+    pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        if !self.link.passes_fds {
+            return Err(QmpError::FdPassingUnsupported { fdname: name.to_string() });
+        }
+        let duplicate =
+            fd.try_clone_to_owned().map_err(|source| QmpError::DuplicateFd { fdname: name.to_string(), source })?;
+        let _one_descriptor_in_flight = self.link.fd_command.lock().await;
+        self.execute_with_fds(qapi::qmp::getfd { fdname: name.to_string() }, vec![duplicate]).await.map(drop)
+    }
+
+    /// Closes a descriptor that `getfd` passed and no command took (`closefd`). Commands that
+    /// use a named descriptor take it out of the table, so after a successful `netdev_add` there
+    /// is nothing left to close.
+    pub async fn closefd(&self, name: &str) -> Result<(), QmpError> {
+        self.execute(qapi::qmp::closefd { fdname: name.to_string() }).await.map(drop)
+    }
+
+    /// Hot-plugs `nic` into the running VM: `getfd` for the tap (and vhost-net), `netdev_add` of
+    /// a tap backend on them, and `device_add` of the guest device. When a step fails, the steps
+    /// before it are undone (`netdev_del`, `closefd`), so QEMU is left as it was.
+    ///
+    /// The machine must accept hot-plug on the chosen bus: `pc` does on its root bus through
+    /// ACPI; on `q35`, `nic.bus` must name a free `pcie-root-port` created at launch.
+    pub async fn hotplug_nic(&self, nic: &HotplugNic) -> Result<(), QmpError> {
+        self.plug_nic(nic)
+            .await
+            .map_err(|source| QmpError::HotplugNic { device: nic.device_id.clone(), source: Box::new(source) })?;
+        info!(device = %nic.device_id, netdev = %nic.id, driver = %nic.driver, mac = %nic.mac, "nic hot-plugged");
+        Ok(())
+    }
+
+    async fn plug_nic(&self, nic: &HotplugNic) -> Result<(), QmpError> {
+        let vhost_name = format!("{}-vhost", nic.id);
+        self.getfd(&nic.id, nic.fd.as_fd()).await?;
+        if let Some(vhost_fd) = &nic.vhost_fd {
+            if let Err(error) = self.getfd(&vhost_name, vhost_fd.as_fd()).await {
+                self.undo_getfd(&nic.id).await;
+                return Err(error);
+            }
+        }
+
+        let tap = qapi::qmp::NetdevTapOptions {
+            fd: Some(nic.id.clone()),
+            vhost: nic.vhost_fd.as_ref().map(|_| true),
+            vhostfd: nic.vhost_fd.as_ref().map(|_| vhost_name.clone()),
+            ..Default::default()
+        };
+        let netdev = qapi::qmp::Netdev::tap { id: nic.id.clone(), tap };
+        if let Err(error) = self.execute(qapi::qmp::netdev_add(netdev)).await {
+            // netdev_add takes each named descriptor out of the table as it parses it
+            // (monitor_fd_param), so depending on where it failed, some may be left.
+            self.undo_getfd(&nic.id).await;
+            if nic.vhost_fd.is_some() {
+                self.undo_getfd(&vhost_name).await;
+            }
+            return Err(error);
+        }
+
+        let mut properties = serde_json::Map::new();
+        properties.insert("netdev".into(), Value::from(nic.id.as_str()));
+        properties.insert("mac".into(), Value::from(nic.mac.as_str()));
+        if let Some(mtu) = nic.host_mtu {
+            properties.insert("host_mtu".into(), Value::from(mtu));
+        }
+        if let Some(addr) = &nic.pci_addr {
+            properties.insert("addr".into(), Value::from(addr.as_str()));
+        }
+        let device = qapi::qmp::device_add {
+            bus: nic.bus.clone(),
+            id: Some(nic.device_id.clone()),
+            driver: nic.driver.clone(),
+            arguments: properties,
+        };
+        if let Err(error) = self.execute(device).await {
+            match self.execute(qapi::qmp::netdev_del { id: nic.id.clone() }).await {
+                Ok(_) => debug!(netdev = %nic.id, "netdev of the failed hot-plug deleted"),
+                Err(undo) => warn!(netdev = %nic.id, error = %undo, "deleting the netdev of a failed hot-plug failed"),
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Closes a passed descriptor after a failed step. QEMU may already have taken it (then
+    /// `closefd` fails with "not found", which is what was wanted); the hot-plug has failed
+    /// anyway, so a failure here is logged, not returned.
+    async fn undo_getfd(&self, name: &str) {
+        match self.closefd(name).await {
+            Ok(()) => debug!(fdname = name, "passed descriptor closed after a failed hot-plug"),
+            Err(QmpError::Command { desc, .. }) => debug!(fdname = name, %desc, "passed descriptor already taken"),
+            Err(error) => warn!(fdname = name, %error, "closing a passed descriptor after a failed hot-plug failed"),
+        }
+    }
+
+    /// Removes a NIC that `hotplug_nic` added: `device_del`, a wait of up to `timeout` for the
+    /// device's `DEVICE_DELETED`, then `netdev_del`. The event still reaches `Events`.
+    ///
+    /// PCI unplug needs the guest: QEMU asks it to eject the device (ACPI on `pc`, and on `q35`
+    /// too since QEMU 6.1) and deletes the device only when it does, or at the next system
+    /// reset. A guest that never does (no OS yet, `-S`, no ACPI hot-plug support) gives
+    /// `DeviceDeletedTimeout`; the request stays pending in QEMU and the netdev stays in place,
+    /// since the device may still use it.
+    ///
+    /// Calling it again is safe: a device already being unplugged is waited for again, and a
+    /// device or netdev that no longer exists counts as removed.
+    pub async fn unplug_nic(&self, device_id: &str, netdev_id: &str, timeout: Duration) -> Result<(), QmpError> {
+        self.unplug_steps(device_id, netdev_id, timeout)
+            .await
+            .map_err(|source| QmpError::UnplugNic { device: device_id.to_string(), source: Box::new(source) })?;
+        info!(device = device_id, netdev = netdev_id, "nic unplugged");
+        Ok(())
+    }
+
+    async fn unplug_steps(&self, device_id: &str, netdev_id: &str, timeout: Duration) -> Result<(), QmpError> {
+        // Watch before asking: where no guest is involved QEMU deletes the device, and sends the
+        // event, before it replies to device_del (tests/qtest/device-plug-test.c).
+        let mut watch = self.link.pending.watch_deletion(device_id)?;
+        let gone = match self.execute(qapi::qmp::device_del { id: device_id.to_string() }).await {
+            Ok(_) => false,
+            Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
+                debug!(device = device_id, "device already gone");
+                true
+            }
+            // QEMU 7.1+ refuses a second device_del while the first is pending
+            // (qmp_device_del, softmmu/qdev-monitor.c); waiting for the first is what we want.
+            Err(QmpError::Command { desc, .. }) if desc.contains("already in the process of unplug") => {
+                debug!(device = device_id, "device unplug already pending; waiting for it");
+                false
+            }
+            Err(error) => return Err(error),
+        };
+        if !gone {
+            watch.wait(timeout).await?;
+        }
+        drop(watch);
+        match self.execute(qapi::qmp::netdev_del { id: netdev_id.to_string() }).await {
+            Ok(_) => Ok(()),
+            Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
+                debug!(netdev = netdev_id, "netdev already gone");
+                Ok(())
+            }
             Err(error) => Err(error),
         }
     }
@@ -838,6 +1255,9 @@ mod tests {
         peer.event("RESUME", None).await;
         peer.event("GUEST_PANICKED", Some(json!({"action": "pause"}))).await;
         peer.event("RTC_CHANGE", Some(json!({"offset": 3, "qom-path": "/machine/unattached"}))).await;
+        // As QEMU 7.2 sends them for a virtio-net-pci NIC: its backend first, then the device.
+        peer.event("DEVICE_DELETED", Some(json!({"path": "/machine/peripheral/nic3/virtio-backend"}))).await;
+        peer.event("DEVICE_DELETED", Some(json!({"device": "nic3", "path": "/machine/peripheral/nic3"}))).await;
 
         let expected = [
             VmEvent::Shutdown { guest: true, reason: "guest-shutdown".into() },
@@ -847,6 +1267,8 @@ mod tests {
             VmEvent::Resume,
             VmEvent::GuestPanicked,
             VmEvent::Other { name: "RTC_CHANGE".into() },
+            VmEvent::DeviceDeleted { device: None, path: "/machine/peripheral/nic3/virtio-backend".into() },
+            VmEvent::DeviceDeleted { device: Some("nic3".into()), path: "/machine/peripheral/nic3".into() },
         ];
         for want in expected {
             assert_eq!(next_event(&mut events).await, Some(want));
@@ -1087,22 +1509,31 @@ mod tests {
         fn shareable<T: Clone + Send + Sync + 'static>() {}
         fn sendable<T: Send>(_: &T) {}
         shareable::<Qmp>();
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
         let (client, _server) = tokio::io::duplex(1024);
         runtime.block_on(async {
             let qmp = Qmp {
                 link: Arc::new(Link {
-                    lines: mpsc::unbounded_channel().0,
+                    requests: mpsc::unbounded_channel().0,
                     pending: Arc::new(PendingTable::new()),
                     next_id: AtomicU64::new(1),
+                    passes_fds: false,
+                    fd_command: tokio::sync::Mutex::new(()),
                 }),
             };
+            let nic = test_nic("data3", "nic3", temp_file("sendable").1, None);
+            let (unix, _peer) = UnixStream::pair().unwrap();
             // Never polled: only their types are checked.
             sendable(&connect(client));
+            sendable(&connect_unix(unix));
             sendable(&qmp.execute(qapi::qmp::stop {}));
             sendable(&qmp.execute_raw("stop", Value::Null));
             sendable(&qmp.query_status());
             sendable(&qmp.quit());
+            sendable(&qmp.getfd("data3", nic.fd.as_fd()));
+            sendable(&qmp.closefd("data3"));
+            sendable(&qmp.hotplug_nic(&nic));
+            sendable(&qmp.unplug_nic("nic3", "data3", PATIENCE));
         });
     }
 
@@ -1112,6 +1543,7 @@ mod tests {
         let shutdown = VmEvent::Shutdown { guest: true, reason: "guest-shutdown".into() };
         let reset = VmEvent::Reset { guest: true };
         let other = VmEvent::Other { name: "RTC_CHANGE".into() };
+        let deleted = VmEvent::DeviceDeleted { device: Some("nic3".into()), path: "/machine/peripheral/nic3".into() };
         let table: &[(RunState, &VmEvent, RunState)] = &[
             (Running, &VmEvent::Stop, Paused),
             (Paused, &VmEvent::Resume, Running),
@@ -1125,6 +1557,7 @@ mod tests {
             (Running, &VmEvent::Powerdown, Running),
             (Paused, &VmEvent::Powerdown, Paused),
             (Running, &other, Running),
+            (Paused, &deleted, Paused),
             // The STOP that QEMU sends after SHUTDOWN (-no-shutdown) or a guest panic.
             (Shutdown, &VmEvent::Stop, Shutdown),
             (Panicked, &VmEvent::Stop, Panicked),
@@ -1157,12 +1590,554 @@ mod tests {
             QmpError::Io { source: std::io::Error::other("x") },
             QmpError::Closed,
             QmpError::Decode { command: "query-kvm".into(), source: serde_json::from_str::<u8>("x").unwrap_err() },
+            QmpError::FdPassingUnsupported { fdname: "data3".into() },
+            QmpError::DuplicateFd { fdname: "data3".into(), source: std::io::Error::other("x") },
+            QmpError::DeviceDeletedTimeout { timeout: Duration::from_secs(1) },
+            QmpError::HotplugNic { device: "nic3".into(), source: Box::new(QmpError::Closed) },
+            QmpError::UnplugNic { device: "nic3".into(), source: Box::new(QmpError::Closed) },
         ];
         for error in errors {
             let message = error.to_string();
             assert!(message.starts_with(|c: char| c.is_lowercase()), "{message}");
             assert!(!message.ends_with('.'), "{message}");
         }
+    }
+
+    /// A temporary file, removed when the test ends however it ends.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        /// The file's device and inode numbers.
+        fn identity(&self) -> (u64, u64) {
+            use std::os::unix::fs::MetadataExt as _;
+            let metadata = std::fs::metadata(&self.0).unwrap();
+            (metadata.dev(), metadata.ino())
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A new temporary file and a descriptor open on it.
+    fn temp_file(tag: &str) -> (TempFile, OwnedFd) {
+        let path = std::env::temp_dir().join(format!("vial-qmp-{}-{tag}.tmp", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        (TempFile(path), OwnedFd::from(file))
+    }
+
+    /// The device and inode numbers of the file a received descriptor refers to, read through
+    /// /proc/self/fd so that the test needs no `unsafe` to borrow a raw descriptor.
+    fn identity_of(fd: RawFd) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        (metadata.dev(), metadata.ino())
+    }
+
+    fn close_all(fds: Vec<RawFd>) {
+        for fd in fds {
+            nix::unistd::close(fd).unwrap();
+        }
+    }
+
+    fn test_nic(id: &str, device_id: &str, fd: OwnedFd, vhost_fd: Option<OwnedFd>) -> HotplugNic {
+        HotplugNic {
+            id: id.into(),
+            device_id: device_id.into(),
+            driver: "virtio-net-pci".into(),
+            mac: "02:00:00:00:00:03".into(),
+            host_mtu: Some(9000),
+            fd,
+            vhost_fd,
+            bus: None,
+            pci_addr: None,
+        }
+    }
+
+    /// The scripted QEMU side of a Unix socket pair, which also receives descriptors.
+    ///
+    /// A descriptor is matched to the line that holds the last byte of the read that brought
+    /// it: Linux ends a read on a stream socket with the segment that carried descriptors
+    /// (`unix_stream_read_generic`), and the client sends such a line with one `sendmsg`.
+    struct UnixPeer {
+        socket: UnixStream,
+        /// Bytes read and not yet returned as lines.
+        buffer: Vec<u8>,
+        /// The stream position of `buffer[0]`.
+        position: usize,
+        /// Descriptors received, each with the stream position just past the read that brought it.
+        fds: Vec<(usize, RawFd)>,
+    }
+
+    impl UnixPeer {
+        fn new(socket: UnixStream) -> Self {
+            UnixPeer { socket, buffer: Vec::new(), position: 0, fds: Vec::new() }
+        }
+
+        /// One `recvmsg`; false at end of stream.
+        async fn receive(&mut self) -> bool {
+            use nix::sys::socket::{recvmsg, ControlMessageOwned};
+            let mut chunk = vec![0_u8; 64 * 1024];
+            let (read, fds) = loop {
+                self.socket.readable().await.unwrap();
+                let socket = &self.socket;
+                let attempt = socket.try_io(Interest::READABLE, || {
+                    let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+                    let mut space = nix::cmsg_space!([RawFd; 4]);
+                    let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+                    let message = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags)
+                        .map_err(std::io::Error::from)?;
+                    let mut fds = Vec::new();
+                    for message in message.cmsgs().map_err(std::io::Error::from)? {
+                        if let ControlMessageOwned::ScmRights(received) = message {
+                            fds.extend(received);
+                        }
+                    }
+                    Ok((message.bytes, fds))
+                });
+                match attempt {
+                    Ok(received) => break received,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => panic!("recvmsg failed: {error}"),
+                }
+            };
+            self.buffer.extend_from_slice(&chunk[..read]);
+            let end = self.position + self.buffer.len();
+            self.fds.extend(fds.into_iter().map(|fd| (end, fd)));
+            read > 0
+        }
+
+        /// The next request line and the descriptors that came with it.
+        async fn request_with_fds(&mut self) -> (Value, Vec<RawFd>) {
+            loop {
+                if let Some(newline) = self.buffer.iter().position(|&byte| byte == b'\n') {
+                    let line: Vec<u8> = self.buffer.drain(..=newline).collect();
+                    self.position += line.len();
+                    let end = self.position;
+                    let (mine, later): (Vec<_>, Vec<_>) = self.fds.drain(..).partition(|(at, _)| *at <= end);
+                    self.fds = later;
+                    let request = serde_json::from_slice(&line).unwrap_or_else(|error| {
+                        let start: String = String::from_utf8_lossy(&line).chars().take(200).collect();
+                        panic!("request is not json ({error}), lines interleaved? {start:?}")
+                    });
+                    return (request, mine.into_iter().map(|(_, fd)| fd).collect());
+                }
+                assert!(self.receive().await, "client closed the socket");
+            }
+        }
+
+        /// The next request, which must carry no descriptor.
+        async fn request(&mut self) -> Value {
+            let (request, fds) = self.request_with_fds().await;
+            assert!(fds.is_empty(), "descriptors came with {}", request["execute"]);
+            request
+        }
+
+        async fn send(&mut self, line: &str) {
+            self.socket.write_all(line.as_bytes()).await.unwrap();
+            self.socket.write_all(b"\n").await.unwrap();
+        }
+
+        async fn send_json(&mut self, message: Value) {
+            self.send(&message.to_string()).await;
+        }
+
+        /// Reads a request, checks its name, answers it with `reply` plus the request's id.
+        async fn answer(&mut self, name: &str, mut reply: Value) -> Value {
+            let request = self.request().await;
+            assert_eq!(request["execute"], name, "request {request}");
+            reply["id"] = request["id"].clone();
+            self.send_json(reply).await;
+            request
+        }
+
+        /// Reads a `getfd` for `name` with one descriptor, checks that it refers to `file`, and
+        /// answers it.
+        async fn answer_getfd(&mut self, name: &str, file: &TempFile) {
+            let (request, fds) = self.request_with_fds().await;
+            assert_eq!(request["execute"], "getfd", "request {request}");
+            assert_eq!(request["arguments"], json!({"fdname": name}));
+            assert_eq!(fds.len(), 1, "descriptors with {request}");
+            assert_eq!(identity_of(fds[0]), file.identity(), "the descriptor for {name} is another file");
+            close_all(fds);
+            self.send_json(json!({"return": {}, "id": request["id"]})).await;
+        }
+    }
+
+    /// A `connect_unix` client on `client`, negotiated by a scripted peer on `server`.
+    async fn connected_unix_over(client: UnixStream, server: UnixStream) -> (Qmp, Events, UnixPeer) {
+        let peer = async move {
+            let mut peer = UnixPeer::new(server);
+            peer.send(GREETING).await;
+            let request = peer.request().await;
+            assert_eq!(request, json!({"execute": "qmp_capabilities"}));
+            peer.send(r#"{"return": {}}"#).await;
+            peer
+        };
+        let (connection, peer) = tokio::join!(connect_unix(client), peer);
+        let (qmp, events) = connection.unwrap();
+        (qmp, events, peer)
+    }
+
+    async fn connected_unix() -> (Qmp, Events, UnixPeer) {
+        let (client, server) = UnixStream::pair().unwrap();
+        connected_unix_over(client, server).await
+    }
+
+    /// Whether a `DEVICE_DELETED` waiter for `device` is registered.
+    fn watching(qmp: &Qmp, device: &str) -> bool {
+        qmp.link.pending.lock().deletions.values().any(|(watched, _)| watched == device)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn getfd_sends_the_descriptor_with_its_line() {
+        let (qmp, _events, mut peer) = connected_unix().await;
+        let (file, fd) = temp_file("getfd");
+        let (result, ()) = tokio::join!(qmp.getfd("data3", fd.as_fd()), peer.answer_getfd("data3", &file));
+        result.unwrap();
+
+        // QEMU's error (no descriptor arrived, a name starting with a digit) reaches the caller.
+        let reply = json!({"error": {"class": "GenericError", "desc": "No file descriptor supplied via SCM_RIGHTS"}});
+        let peer_side = async {
+            let (request, fds) = peer.request_with_fds().await;
+            close_all(fds);
+            peer.send_json(json!({"error": reply["error"], "id": request["id"]})).await;
+        };
+        let (result, ()) = tokio::join!(qmp.getfd("data4", fd.as_fd()), peer_side);
+        assert!(matches!(&result, Err(QmpError::Command { command, .. }) if command == "getfd"), "{result:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn descriptor_lines_do_not_interleave_with_other_commands() {
+        let (qmp, _events, mut peer) = connected_unix().await;
+        let (file_a, fd_a) = temp_file("interleave-a");
+        let (file_b, fd_b) = temp_file("interleave-b");
+        // Lines larger than the socket buffer, so each takes the writer many writes.
+        let padding = "x".repeat(512 * 1024);
+        let tasks: Vec<_> = (0..4)
+            .map(|n| {
+                let qmp = qmp.clone();
+                let arguments = json!({"padding": padding});
+                tokio::spawn(async move { qmp.execute_raw(&format!("query-{n}"), arguments).await })
+            })
+            .collect();
+        let getfds = async {
+            let (a, b) = tokio::join!(qmp.getfd("fd-a", fd_a.as_fd()), qmp.getfd("fd-b", fd_b.as_fd()));
+            a.unwrap();
+            b.unwrap();
+        };
+        let peer_side = async {
+            let mut getfds = Vec::new();
+            for _ in 0..6 {
+                // Interleaved lines would not parse.
+                let (request, fds) = peer.request_with_fds().await;
+                if request["execute"] == "getfd" {
+                    let name = request["arguments"]["fdname"].as_str().unwrap().to_string();
+                    let file = if name == "fd-a" { &file_a } else { &file_b };
+                    assert_eq!(fds.len(), 1, "descriptors with getfd {name}");
+                    assert_eq!(identity_of(fds[0]), file.identity(), "the descriptor for {name} is another file");
+                    getfds.push(name);
+                } else {
+                    assert!(fds.is_empty(), "descriptors came with {}", request["execute"]);
+                    assert_eq!(request["arguments"]["padding"].as_str().map(str::len), Some(padding.len()));
+                }
+                close_all(fds);
+                peer.send_json(json!({"return": {}, "id": request["id"]})).await;
+            }
+            getfds.sort();
+            assert_eq!(getfds, ["fd-a", "fd-b"]);
+        };
+        tokio::join!(getfds, peer_side);
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn getfd_waits_for_room_without_spinning() {
+        let logs = Captured::default();
+        let _logging = logs.install();
+        let (client, server) = UnixStream::pair().unwrap();
+        // A second descriptor for the client's socket, to fill it behind tokio's back: tokio still
+        // believes the socket writable, so the writer's first sendmsg meets EAGAIN.
+        let filler = client.as_fd().try_clone_to_owned().unwrap();
+        let (qmp, _events, mut peer) = connected_unix_over(client, server).await;
+        let spaces = [b' '; 4096];
+        loop {
+            match nix::sys::socket::send(filler.as_raw_fd(), &spaces, MsgFlags::MSG_DONTWAIT) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(error) => panic!("filling the socket failed: {error}"),
+            }
+        }
+        let (file, fd) = temp_file("full");
+        let waits = || logs.lines().iter().filter(|line| line.contains("qmp socket full")).count();
+        let peer_side = async {
+            let start = std::time::Instant::now();
+            while waits() == 0 {
+                assert!(start.elapsed() < PATIENCE, "the writer never met the full socket");
+                tokio::task::yield_now().await;
+            }
+            // A writer that retried without waiting for room would log again on every turn.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(waits(), 1, "the writer retried sendmsg without waiting for the socket to drain");
+            // The filler is blank space before the getfd line, which JSON allows.
+            peer.answer_getfd("data3", &file).await;
+        };
+        let (result, ()) = tokio::join!(qmp.getfd("data3", fd.as_fd()), peer_side);
+        result.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn getfd_over_a_plain_stream_is_refused_before_sending() {
+        let (qmp, _events, mut peer) = connected().await;
+        let (_file, fd) = temp_file("plain");
+        let error = qmp.getfd("data3", fd.as_fd()).await.unwrap_err();
+        assert!(matches!(&error, QmpError::FdPassingUnsupported { fdname } if fdname == "data3"), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "cannot pass file descriptor data3: the qmp connection was not made with connect_unix"
+        );
+        let nic = test_nic("data3", "nic3", fd, None);
+        let error = qmp.hotplug_nic(&nic).await.unwrap_err();
+        assert!(
+            matches!(&error, QmpError::HotplugNic { source, .. } if matches!(**source, QmpError::FdPassingUnsupported { .. })),
+            "{error:?}"
+        );
+        // Nothing was sent: the next request the peer sees is the next command.
+        let (result, _) =
+            tokio::join!(qmp.execute_raw("query-name", Value::Null), peer.answer("query-name", json!({"return": {}})));
+        result.unwrap();
+
+        // A Unix socket through the generic `connect` cannot pass descriptors either.
+        let (client, server) = UnixStream::pair().unwrap();
+        let peer_side = async move {
+            let mut peer = UnixPeer::new(server);
+            peer.send(GREETING).await;
+            peer.answer("qmp_capabilities", json!({"return": {}})).await;
+            peer
+        };
+        let (connection, _peer) = tokio::join!(connect(client), peer_side);
+        let (qmp, _events) = connection.unwrap();
+        let error = qmp.getfd("data3", nic.fd.as_fd()).await.unwrap_err();
+        assert!(matches!(error, QmpError::FdPassingUnsupported { .. }), "{error:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hotplug_nic_passes_descriptors_then_adds_netdev_and_device() {
+        let (qmp, _events, mut peer) = connected_unix().await;
+        let (tap_file, tap) = temp_file("hotplug-tap");
+        let (vhost_file, vhost) = temp_file("hotplug-vhost");
+        let mut nic = test_nic("data3", "nic3", tap, Some(vhost));
+        nic.bus = Some("rp1".into());
+        nic.pci_addr = Some("0x5".into());
+        let ok = json!({"return": {}});
+        let peer_side = async {
+            peer.answer_getfd("data3", &tap_file).await;
+            peer.answer_getfd("data3-vhost", &vhost_file).await;
+            let request = peer.answer("netdev_add", ok.clone()).await;
+            let netdev = json!({"type": "tap", "id": "data3", "fd": "data3", "vhost": true, "vhostfd": "data3-vhost"});
+            assert_eq!(request["arguments"], netdev);
+            let request = peer.answer("device_add", ok.clone()).await;
+            let device = json!({
+                "driver": "virtio-net-pci", "id": "nic3", "bus": "rp1", "addr": "0x5",
+                "netdev": "data3", "mac": "02:00:00:00:00:03", "host_mtu": 9000
+            });
+            assert_eq!(request["arguments"], device);
+        };
+        let (result, ()) = tokio::join!(qmp.hotplug_nic(&nic), peer_side);
+        result.unwrap();
+
+        // Without vhost, bus, slot or MTU, none of them is sent.
+        let (tap_file, tap) = temp_file("hotplug-plain");
+        let mut nic = test_nic("data4", "nic4", tap, None);
+        nic.host_mtu = None;
+        let peer_side = async {
+            peer.answer_getfd("data4", &tap_file).await;
+            let request = peer.answer("netdev_add", ok.clone()).await;
+            assert_eq!(request["arguments"], json!({"type": "tap", "id": "data4", "fd": "data4"}));
+            let request = peer.answer("device_add", ok.clone()).await;
+            let device =
+                json!({"driver": "virtio-net-pci", "id": "nic4", "netdev": "data4", "mac": "02:00:00:00:00:03"});
+            assert_eq!(request["arguments"], device);
+        };
+        let (result, ()) = tokio::join!(qmp.hotplug_nic(&nic), peer_side);
+        result.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hotplug_nic_undoes_its_steps_when_one_fails() {
+        let (qmp, _events, mut peer) = connected_unix().await;
+        let ok = json!({"return": {}});
+        let failed = |desc: &str| json!({"error": {"class": "GenericError", "desc": desc}});
+        let failed_step = |result: Result<(), QmpError>, step: &str| match result {
+            Err(QmpError::HotplugNic { device, source }) => {
+                assert_eq!(device, "nic3");
+                assert!(matches!(&*source, QmpError::Command { command, .. } if command == step), "{source:?}");
+            }
+            other => panic!("expected a failed {step}, got {other:?}"),
+        };
+
+        // device_add fails: the netdev goes (and with it the tap, which it had taken).
+        let (tap_file, tap) = temp_file("undo-device");
+        let nic = test_nic("data3", "nic3", tap, None);
+        let peer_side = async {
+            peer.answer_getfd("data3", &tap_file).await;
+            peer.answer("netdev_add", ok.clone()).await;
+            peer.answer("device_add", failed("Bus 'pcie.0' does not support hotplugging")).await;
+            let request = peer.answer("netdev_del", ok.clone()).await;
+            assert_eq!(request["arguments"], json!({"id": "data3"}));
+        };
+        let (result, ()) = tokio::join!(qmp.hotplug_nic(&nic), peer_side);
+        failed_step(result, "device_add");
+
+        // netdev_add fails: both named descriptors are closed; one already taken is fine.
+        let (tap_file, tap) = temp_file("undo-netdev-tap");
+        let (vhost_file, vhost) = temp_file("undo-netdev-vhost");
+        let nic = test_nic("data3", "nic3", tap, Some(vhost));
+        let peer_side = async {
+            peer.answer_getfd("data3", &tap_file).await;
+            peer.answer_getfd("data3-vhost", &vhost_file).await;
+            peer.answer("netdev_add", failed("Duplicate ID 'data3' for netdev")).await;
+            let request = peer.answer("closefd", failed("File descriptor named 'data3' not found")).await;
+            assert_eq!(request["arguments"], json!({"fdname": "data3"}));
+            let request = peer.answer("closefd", ok.clone()).await;
+            assert_eq!(request["arguments"], json!({"fdname": "data3-vhost"}));
+        };
+        let (result, ()) = tokio::join!(qmp.hotplug_nic(&nic), peer_side);
+        failed_step(result, "netdev_add");
+
+        // The second getfd fails: the first descriptor is closed.
+        let (tap_file, tap) = temp_file("undo-getfd-tap");
+        let (_vhost_file, vhost) = temp_file("undo-getfd-vhost");
+        let nic = test_nic("data3", "nic3", tap, Some(vhost));
+        let peer_side = async {
+            peer.answer_getfd("data3", &tap_file).await;
+            let (request, fds) = peer.request_with_fds().await;
+            close_all(fds);
+            let reply = failed("No file descriptor supplied via SCM_RIGHTS");
+            peer.send_json(json!({"error": reply["error"], "id": request["id"]})).await;
+            let request = peer.answer("closefd", ok.clone()).await;
+            assert_eq!(request["arguments"], json!({"fdname": "data3"}));
+        };
+        let (result, ()) = tokio::join!(qmp.hotplug_nic(&nic), peer_side);
+        failed_step(result, "getfd");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn unplug_waits_for_its_device_deleted_then_deletes_the_netdev() {
+        let (qmp, mut events, mut peer) = connected().await;
+        let ok = json!({"return": {}});
+        let peer_side = async {
+            let request = peer.answer("device_del", ok.clone()).await;
+            assert_eq!(request["arguments"], json!({"id": "nic3"}));
+            // The backend's event and another device's do not end the wait.
+            peer.event("DEVICE_DELETED", Some(json!({"path": "/machine/peripheral/nic3/virtio-backend"}))).await;
+            peer.event("DEVICE_DELETED", Some(json!({"device": "nic9", "path": "/machine/peripheral/nic9"}))).await;
+            for _ in 0..2 {
+                assert!(matches!(next_event(&mut events).await, Some(VmEvent::DeviceDeleted { .. })));
+            }
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(watching(&qmp, "nic3"));
+            assert!(qmp.link.pending.lock().waiting.is_empty(), "netdev_del sent before the device was deleted");
+            peer.event("DEVICE_DELETED", Some(json!({"device": "nic3", "path": "/machine/peripheral/nic3"}))).await;
+            let request = peer.answer("netdev_del", ok.clone()).await;
+            assert_eq!(request["arguments"], json!({"id": "data3"}));
+        };
+        let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer_side);
+        result.unwrap();
+        // The supervisor's receiver still gets the event.
+        let deleted = VmEvent::DeviceDeleted { device: Some("nic3".into()), path: "/machine/peripheral/nic3".into() };
+        assert_eq!(next_event(&mut events).await, Some(deleted));
+        assert!(!watching(&qmp, "nic3"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn unplug_sees_an_event_that_comes_before_the_reply() {
+        let (qmp, _events, mut peer) = connected().await;
+        let peer_side = async {
+            let request = peer.request().await;
+            assert_eq!(request["execute"], "device_del");
+            peer.event("DEVICE_DELETED", Some(json!({"device": "nic3", "path": "/machine/peripheral/nic3"}))).await;
+            peer.send_json(json!({"return": {}, "id": request["id"]})).await;
+            peer.answer("netdev_del", json!({"return": {}})).await;
+        };
+        let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer_side);
+        result.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn unplug_times_out_and_keeps_the_netdev() {
+        let (qmp, _events, mut peer) = connected().await;
+        let timeout = Duration::from_millis(20);
+        let (result, _) =
+            tokio::join!(qmp.unplug_nic("nic3", "data3", timeout), peer.answer("device_del", json!({"return": {}})));
+        match result {
+            Err(QmpError::UnplugNic { device, source }) => {
+                assert_eq!(device, "nic3");
+                assert!(matches!(*source, QmpError::DeviceDeletedTimeout { timeout: waited } if waited == timeout));
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(!watching(&qmp, "nic3"));
+        // No netdev_del was sent: the next request is the next command.
+        let reply = json!({"return": {"status": "paused", "running": false}});
+        let (status, _) = tokio::join!(qmp.query_status(), peer.answer("query-status", reply));
+        status.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn unplug_again_waits_for_a_pending_unplug_or_finds_nothing_to_do() {
+        let (qmp, _events, mut peer) = connected().await;
+        let ok = json!({"return": {}});
+        // QEMU 7.2's answer while an earlier device_del is pending.
+        let pending =
+            json!({"error": {"class": "GenericError", "desc": "Device nic3 is already in the process of unplug"}});
+        let peer_side = async {
+            peer.answer("device_del", pending).await;
+            peer.event("DEVICE_DELETED", Some(json!({"device": "nic3", "path": "/machine/peripheral/nic3"}))).await;
+            peer.answer("netdev_del", ok.clone()).await;
+        };
+        let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer_side);
+        result.unwrap();
+
+        let gone =
+            |what: &str| json!({"error": {"class": "DeviceNotFound", "desc": format!("Device '{what}' not found")}});
+        let peer_side = async {
+            peer.answer("device_del", gone("nic3")).await;
+            peer.answer("netdev_del", gone("data3")).await;
+        };
+        let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer_side);
+        result.unwrap();
+
+        // Any other refusal is an error, and the netdev is left alone.
+        let refused = json!({"error": {"class": "GenericError", "desc": "Bus 'pci.0' does not support hotplugging"}});
+        let (result, _) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer.answer("device_del", refused));
+        assert!(
+            matches!(&result, Err(QmpError::UnplugNic { source, .. }) if matches!(&**source, QmpError::Command { command, .. } if command == "device_del")),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn unplug_fails_when_qemu_goes_away_while_waiting() {
+        let (qmp, _events, mut peer) = connected().await;
+        let peer_side = async move {
+            peer.answer("device_del", json!({"return": {}})).await;
+            drop(peer);
+        };
+        let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer_side);
+        assert!(
+            matches!(&result, Err(QmpError::UnplugNic { source, .. }) if matches!(**source, QmpError::Closed)),
+            "{result:?}"
+        );
+        assert!(!watching(&qmp, "nic3"));
     }
 
     /// Real QEMU: these tests start `qemu-system-x86_64` from PATH and fail, not skip, when it is
@@ -1199,6 +2174,24 @@ mod tests {
         }
 
         async fn start_qemu(tag: &str, args: &[&str]) -> (Qemu, Qmp, Events) {
+            let qemu = spawn_qemu(tag, args).await;
+            let stream = tokio::net::UnixStream::connect(&qemu.socket).await.unwrap();
+            let (qmp, events) =
+                tokio::time::timeout(PATIENCE, connect(stream)).await.expect("qmp negotiation timed out").unwrap();
+            (qemu, qmp, events)
+        }
+
+        /// `start_qemu`, connected with `connect_unix` so that descriptors can be passed.
+        async fn start_qemu_unix(tag: &str, args: &[&str]) -> (Qemu, Qmp, Events) {
+            let qemu = spawn_qemu(tag, args).await;
+            let stream = tokio::net::UnixStream::connect(&qemu.socket).await.unwrap();
+            let (qmp, events) =
+                tokio::time::timeout(PATIENCE, connect_unix(stream)).await.expect("qmp negotiation timed out").unwrap();
+            (qemu, qmp, events)
+        }
+
+        /// Starts QEMU with a QMP socket and waits until the socket exists.
+        async fn spawn_qemu(tag: &str, args: &[&str]) -> Qemu {
             let socket = std::env::temp_dir().join(format!("vial-qmp-{}-{tag}.sock", std::process::id()));
             let _ = std::fs::remove_file(&socket);
             let qmp_arg = format!("unix:{},server=on,wait=off", socket.display());
@@ -1219,10 +2212,7 @@ mod tests {
                 Path::new(&path).exists()
             })
             .await;
-            let stream = tokio::net::UnixStream::connect(&qemu.socket).await.unwrap();
-            let (qmp, events) =
-                tokio::time::timeout(PATIENCE, connect(stream)).await.expect("qmp negotiation timed out").unwrap();
-            (qemu, qmp, events)
+            qemu
         }
 
         /// A firmware image file, removed when the test ends however it ends.
@@ -1366,6 +2356,276 @@ mod tests {
 
             qmp.quit().await.unwrap();
             assert!(wait_exit(&mut qemu).await.success());
+        }
+
+        /// Runs `test` on a thread of its own in a new network namespace, on a current-thread
+        /// runtime, so the taps it creates touch no host interface. The namespace goes away with
+        /// the thread and the QEMU it started. unshare(2) moves only the calling thread.
+        fn in_new_network_namespace<F, T>(test: F)
+        where
+            F: FnOnce() -> T + Send + 'static,
+            T: std::future::Future<Output = ()>,
+        {
+            let thread = std::thread::spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("unshare(CLONE_NEWNET) failed: these tests need root (CAP_SYS_ADMIN)");
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(test());
+            });
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+
+        /// `struct ifreq` (linux/if.h) as TUNSETIFF reads it: the name, then a 24-byte union
+        /// whose `ifr_flags` comes first.
+        #[repr(C)]
+        struct InterfaceRequest {
+            name: [u8; 16],
+            flags: nix::libc::c_short,
+            rest_of_union: [u8; 22],
+        }
+
+        // TUNSETIFF = _IOW('T', 202, int) (linux/if_tun.h); the int is historical, it takes an ifreq.
+        nix::ioctl_write_ptr_bad!(
+            tun_set_iff,
+            nix::request_code_write!(b'T', 202, std::mem::size_of::<nix::libc::c_int>()),
+            InterfaceRequest
+        );
+
+        /// Creates TAP `name` (IFF_TAP | IFF_NO_PI, as QEMU's own tap code asks) in the current
+        /// network namespace and returns its descriptor; the interface lives while one is open.
+        /// Test-only: vial's own tap opening belongs to `net` and `sys`.
+        fn open_tap(name: &str) -> OwnedFd {
+            use nix::libc::{c_short, IFF_NO_PI, IFF_TAP};
+            assert!(name.len() < 16, "interface names have at most 15 bytes: {name}");
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .unwrap_or_else(|error| panic!("cannot open /dev/net/tun (these tests need it): {error}"));
+            let mut request =
+                InterfaceRequest { name: [0; 16], flags: (IFF_TAP | IFF_NO_PI) as c_short, rest_of_union: [0; 22] };
+            request.name[..name.len()].copy_from_slice(name.as_bytes());
+            // SAFETY: TUNSETIFF reads a struct ifreq (40 bytes on Linux), which InterfaceRequest
+            // lays out field for field and in size; `request` and `tun` outlive the call.
+            unsafe { tun_set_iff(tun.as_raw_fd(), &request) }
+                .unwrap_or_else(|error| panic!("TUNSETIFF {name} failed (needs CAP_NET_ADMIN): {error}"));
+            OwnedFd::from(tun)
+        }
+
+        fn interface_exists(name: &str) -> bool {
+            nix::net::if_::if_nametoindex(name).is_ok()
+        }
+
+        /// The ids of every PCI device QEMU reports, behind bridges and root ports too.
+        async fn pci_device_ids(qmp: &Qmp) -> Vec<String> {
+            fn collect(devices: &Value, ids: &mut Vec<String>) {
+                for device in devices.as_array().into_iter().flatten() {
+                    if let Some(id) = device["qdev_id"].as_str().filter(|id| !id.is_empty()) {
+                        ids.push(id.to_string());
+                    }
+                    collect(&device["pci_bridge"]["devices"], ids);
+                }
+            }
+            let buses = qmp.execute_raw("query-pci", Value::Null).await.unwrap();
+            let mut ids = Vec::new();
+            for bus in buses.as_array().unwrap() {
+                collect(&bus["devices"], &mut ids);
+            }
+            ids
+        }
+
+        /// The ids of the devices created with an id (`-device`, `device_add`), from QOM's
+        /// `/machine/peripheral`. Unlike `query-pci`, it sees devices behind a root port whose
+        /// secondary bus no firmware has numbered yet (`-S`).
+        async fn peripheral_ids(qmp: &Qmp) -> Vec<String> {
+            let children = qmp.execute_raw("qom-list", json!({"path": "/machine/peripheral"})).await.unwrap();
+            children
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|child| child["type"].as_str().is_some_and(|kind| kind.starts_with("child<")))
+                .filter_map(|child| child["name"].as_str().map(str::to_string))
+                .collect()
+        }
+
+        /// The netdevs QEMU has, from `info network` (QEMU 7.2 has no `query-netdev`); each is a
+        /// line `<id>: index=...,type=tap,...`, indented under the NIC it is peered with.
+        async fn netdev_ids(qmp: &Qmp) -> Vec<String> {
+            let arguments = json!({"command-line": "info network"});
+            let text = qmp.execute_raw("human-monitor-command", arguments).await.unwrap();
+            text.as_str()
+                .unwrap()
+                .lines()
+                .filter(|line| line.contains("type=tap"))
+                .filter_map(|line| line.trim_start_matches([' ', '\\']).split(':').next())
+                .map(str::to_string)
+                .collect()
+        }
+
+        fn tap_nic(id: &str, device_id: &str, tap: &str, bus: Option<&str>) -> HotplugNic {
+            let mut nic = test_nic(id, device_id, open_tap(tap), None);
+            nic.bus = bus.map(str::to_string);
+            nic
+        }
+
+        /// Unplugs `nic3`/`data3` from a VM started with `-S`, whose guest never runs: QEMU asks
+        /// the guest to eject the device (ACPI) and keeps it until the guest does, so the first
+        /// `unplug_nic` times out and leaves everything in place. A system reset completes the
+        /// pending unplug (QEMU's tests/qtest/device-plug-test.c relies on that), and a second
+        /// `unplug_nic`, which waits for the unplug already pending, then deletes the netdev.
+        async fn unplug_through_a_reset(qmp: &Qmp, events: &mut Events, tap: &str) {
+            let error = qmp.unplug_nic("nic3", "data3", Duration::from_millis(500)).await.unwrap_err();
+            assert!(
+                matches!(&error, QmpError::UnplugNic { source, .. } if matches!(**source, QmpError::DeviceDeletedTimeout { .. })),
+                "{error:?}"
+            );
+            assert!(peripheral_ids(qmp).await.contains(&"nic3".to_string()));
+            assert_eq!(netdev_ids(qmp).await, ["data3"]);
+            assert!(interface_exists(tap));
+
+            let reset = async {
+                // unplug_nic registers its waiter and queues device_del in one step, and the
+                // writer keeps order, so QEMU sees the reset after that device_del.
+                let start = std::time::Instant::now();
+                while !watching(qmp, "nic3") {
+                    assert!(start.elapsed() < PATIENCE, "unplug_nic never started waiting");
+                    tokio::task::yield_now().await;
+                }
+                qmp.execute(qapi::qmp::system_reset {}).await.unwrap();
+            };
+            let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), reset);
+            result.unwrap();
+
+            // The supervisor's receiver saw the reset and both deletions, the backend's first.
+            let mut deleted = Vec::new();
+            while deleted.len() < 2 {
+                match next_event(events).await.expect("the connection closed") {
+                    VmEvent::DeviceDeleted { device, path } => deleted.push((device, path)),
+                    VmEvent::Reset { guest: false } => {}
+                    other => panic!("unexpected event {other:?}"),
+                }
+            }
+            let backend = (None, "/machine/peripheral/nic3/virtio-backend".to_string());
+            let device = (Some("nic3".to_string()), "/machine/peripheral/nic3".to_string());
+            assert_eq!(deleted, [backend, device]);
+
+            assert!(!peripheral_ids(qmp).await.contains(&"nic3".to_string()));
+            assert!(!pci_device_ids(qmp).await.contains(&"nic3".to_string()));
+            assert!(netdev_ids(qmp).await.is_empty());
+            // netdev_del closed QEMU's descriptor, the last one, so the TAP went away.
+            wait_until("the tap to go", || !interface_exists(tap)).await;
+            // Unplugging again finds nothing to do.
+            qmp.unplug_nic("nic3", "data3", PATIENCE).await.unwrap();
+        }
+
+        #[test]
+        fn hotplug_and_unplug_a_tap_nic_on_pc() {
+            in_new_network_namespace(|| async {
+                let (mut qemu, qmp, mut events) =
+                    start_qemu_unix("hotplug-pc", &["-machine", "pc", "-m", "16", "-S"]).await;
+                let tap = format!("vqt{}", std::process::id());
+
+                // A device model QEMU does not have: the netdev is deleted again, which closes
+                // the tap QEMU had taken.
+                let mut bad = tap_nic("data3", "nic3", &tap, None);
+                bad.driver = "vial-no-such-nic".into();
+                let error = qmp.hotplug_nic(&bad).await.unwrap_err();
+                assert!(
+                    matches!(&error, QmpError::HotplugNic { source, .. } if matches!(&**source, QmpError::Command { command, .. } if command == "device_add")),
+                    "{error:?}"
+                );
+                drop(bad);
+                assert!(netdev_ids(&qmp).await.is_empty());
+                wait_until("the tap of the failed hot-plug to go", || !interface_exists(&tap)).await;
+
+                let nic = tap_nic("data3", "nic3", &tap, None);
+                qmp.hotplug_nic(&nic).await.unwrap();
+                // QEMU holds its own descriptor: the TAP outlives vial's.
+                drop(nic);
+                assert!(interface_exists(&tap));
+                assert!(pci_device_ids(&qmp).await.contains(&"nic3".to_string()));
+                assert!(peripheral_ids(&qmp).await.contains(&"nic3".to_string()));
+                assert_eq!(netdev_ids(&qmp).await, ["data3"]);
+
+                unplug_through_a_reset(&qmp, &mut events, &tap).await;
+                qmp.quit().await.unwrap();
+                assert!(wait_exit(&mut qemu).await.success());
+            });
+        }
+
+        #[test]
+        fn q35_hotplugs_only_behind_a_root_port() {
+            in_new_network_namespace(|| async {
+                let args = ["-machine", "q35", "-S", "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"];
+                let (mut qemu, qmp, mut events) = start_qemu_unix("hotplug-q35", &args).await;
+                let tap = format!("vqt{}", std::process::id());
+
+                // q35's root complex takes no hot-plugged device.
+                let nic = tap_nic("data3", "nic3", &tap, None);
+                let error = qmp.hotplug_nic(&nic).await.unwrap_err();
+                match &error {
+                    QmpError::HotplugNic { source, .. } => match &**source {
+                        QmpError::Command { command, desc, .. } if command == "device_add" => {
+                            assert!(desc.contains("does not support hotplugging"), "{desc}")
+                        }
+                        other => panic!("expected device_add to fail, got {other:?}"),
+                    },
+                    other => panic!("expected a hot-plug error, got {other:?}"),
+                }
+                drop(nic);
+                assert!(netdev_ids(&qmp).await.is_empty());
+
+                // A pcie-root-port created at launch does.
+                let nic = tap_nic("data3", "nic3", &tap, Some("rp1"));
+                qmp.hotplug_nic(&nic).await.unwrap();
+                drop(nic);
+                assert!(peripheral_ids(&qmp).await.contains(&"nic3".to_string()));
+                assert_eq!(netdev_ids(&qmp).await, ["data3"]);
+
+                unplug_through_a_reset(&qmp, &mut events, &tap).await;
+                qmp.quit().await.unwrap();
+                assert!(wait_exit(&mut qemu).await.success());
+            });
+        }
+
+        #[test]
+        fn q35_native_pcie_hotplug_unplugs_an_unpowered_slot_at_once() {
+            in_new_network_namespace(|| async {
+                // With ACPI hot-plug off, the root port uses PCIe native hot-plug; no guest has
+                // powered its slot, so QEMU removes the device at once on device_del
+                // (pcie_cap_slot_unplug_request_cb) instead of asking the guest.
+                let args = [
+                    "-machine",
+                    "q35",
+                    "-S",
+                    "-global",
+                    "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+                    "-device",
+                    "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1",
+                ];
+                let (mut qemu, qmp, mut events) = start_qemu_unix("hotplug-q35-native", &args).await;
+                let tap = format!("vqt{}", std::process::id());
+                let nic = tap_nic("data3", "nic3", &tap, Some("rp1"));
+                qmp.hotplug_nic(&nic).await.unwrap();
+                drop(nic);
+                assert!(peripheral_ids(&qmp).await.contains(&"nic3".to_string()));
+
+                qmp.unplug_nic("nic3", "data3", PATIENCE).await.unwrap();
+                let device =
+                    VmEvent::DeviceDeleted { device: Some("nic3".into()), path: "/machine/peripheral/nic3".into() };
+                let backend =
+                    VmEvent::DeviceDeleted { device: None, path: "/machine/peripheral/nic3/virtio-backend".into() };
+                assert_eq!(next_event(&mut events).await, Some(backend));
+                assert_eq!(next_event(&mut events).await, Some(device));
+                assert!(!peripheral_ids(&qmp).await.contains(&"nic3".to_string()));
+                assert!(netdev_ids(&qmp).await.is_empty());
+                wait_until("the tap to go", || !interface_exists(&tap)).await;
+
+                qmp.quit().await.unwrap();
+                assert!(wait_exit(&mut qemu).await.success());
+            });
         }
     }
 }

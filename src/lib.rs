@@ -13,7 +13,8 @@ pub mod forward;
 pub mod health;
 /// Logging set-up (tracing to stderr).
 pub mod logging;
-/// Interface discovery on the container side (addresses of the management interface).
+/// The container's interfaces: the management address, data-link discovery and waiting, TAP and
+/// macvtap descriptors, and stitching links to VM NICs (tc, bridge, macvtap).
 pub mod net;
 /// The QEMU Machine Protocol client: commands, events and the run state they imply.
 pub mod qmp;

@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
@@ -66,4 +66,186 @@ pub fn spawn_supervised(command: &mut Command, inherit: &[RawFd]) -> io::Result<
         })
     };
     command.spawn()
+}
+
+// TUN/TAP's ioctls (linux/if_tun.h). TUNSETIFF and TUNGETIFF take a `struct ifreq` although
+// their request codes encode an int, hence the `_bad` forms with the kernel's own numbers;
+// TUNSETIFF also writes the chosen name back.
+nix::ioctl_readwrite_bad!(tun_set_iff_raw, nix::libc::TUNSETIFF, nix::libc::ifreq);
+nix::ioctl_read_bad!(tun_get_iff_raw, nix::libc::TUNGETIFF, nix::libc::ifreq);
+nix::ioctl_read_bad!(tun_get_vnet_hdr_sz_raw, nix::libc::TUNGETVNETHDRSZ, nix::libc::c_int);
+
+fn ifreq_name(name: &str) -> io::Result<[nix::libc::c_char; nix::libc::IFNAMSIZ]> {
+    let mut out = [0 as nix::libc::c_char; nix::libc::IFNAMSIZ];
+    // The name must leave room for the terminating NUL the kernel expects (IFNAMSIZ = 16).
+    if name.len() >= out.len() || name.bytes().any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace()) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+    }
+    for (slot, byte) in out.iter_mut().zip(name.bytes()) {
+        *slot = byte as nix::libc::c_char;
+    }
+    Ok(out)
+}
+
+fn ifreq_name_to_string(name: &[nix::libc::c_char]) -> String {
+    let bytes: Vec<u8> = name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// `TUNSETIFF` on an open `/dev/net/tun`: attaches `fd` to the TUN/TAP interface `name`
+/// (creating it) with `flags` (`IFF_TAP`, `IFF_NO_PI`, `IFF_VNET_HDR`, ...). Returns the name
+/// the kernel gave the interface.
+pub fn tun_set_iff(fd: BorrowedFd<'_>, name: &str, flags: i16) -> io::Result<String> {
+    // SAFETY: ifreq is a plain C struct (a name and a union of integers and arrays); all zero
+    // bytes is a valid value of it.
+    let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    request.ifr_name = ifreq_name(name)?;
+    request.ifr_ifru.ifru_flags = flags;
+    // SAFETY: TUNSETIFF reads one `struct ifreq` (and writes the chosen name back into it);
+    // `request` is a valid, initialised ifreq that outlives the call, and `fd` is open.
+    unsafe { tun_set_iff_raw(fd.as_raw_fd(), &mut request) }.map_err(io::Error::from)?;
+    Ok(ifreq_name_to_string(&request.ifr_name))
+}
+
+/// `TUNGETIFF`: the interface name and flags a TUN/TAP (or macvtap) descriptor is attached to.
+/// QEMU calls this on an inherited `fd=` to learn whether the descriptor has `IFF_VNET_HDR`.
+pub fn tun_get_iff(fd: BorrowedFd<'_>) -> io::Result<(String, i16)> {
+    // SAFETY: as in `tun_set_iff`, all zero bytes is a valid ifreq.
+    let mut request: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one `struct ifreq` into `request`, which is valid and writable
+    // for the whole call; `fd` is open.
+    unsafe { tun_get_iff_raw(fd.as_raw_fd(), &mut request) }.map_err(io::Error::from)?;
+    // SAFETY: TUNGETIFF fills `ifru_flags`, the union member read here (an i16 in any case).
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    Ok((ifreq_name_to_string(&request.ifr_name), flags))
+}
+
+/// `TUNGETVNETHDRSZ`: the length of the virtio-net header that prefixes every frame read from
+/// or written to a TAP or macvtap descriptor that has `IFF_VNET_HDR` (10 until someone, such as
+/// QEMU, sets another).
+pub fn tun_vnet_hdr_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut len: nix::libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int into `len`, valid for the call; `fd` is open.
+    unsafe { tun_get_vnet_hdr_sz_raw(fd.as_raw_fd(), &mut len) }.map_err(io::Error::from)?;
+    usize::try_from(len).map_err(|_| io::Error::other(format!("negative vnet header size {len}")))
+}
+
+/// Opens an `AF_PACKET` raw socket that sees every frame (any ethertype, both directions) of
+/// interface `ifindex` in the calling thread's network namespace, with `PACKET_AUXDATA` on so
+/// `packet_recv` can report the VLAN tag the kernel took out of the frame (packet(7)).
+pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+    use nix::libc;
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // Protocol 0 first: the socket receives nothing until it is bound to the one interface, so
+    // no frame of another interface slips in between socket(2) and bind(2) (packet(7)).
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor socket(2) just returned; nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is a plain C struct; all zero bytes is a valid value.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = all;
+    address.sll_ifindex =
+        i32::try_from(ifindex).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ifindex out of range"))?;
+    // SAFETY: bind(2) reads `size_of::<sockaddr_ll>()` bytes from `address`, a valid
+    // sockaddr_ll that outlives the call; the socket is open.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&address as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt(2) reads one int from `on`, valid for the call; the socket is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// What `packet_recv` learned about one frame besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketMeta {
+    /// Bytes copied into the buffer.
+    pub len: usize,
+    /// The frame's length on the wire (larger than `len` when the buffer was too small).
+    pub wire_len: usize,
+    /// The frame was sent by this host (`PACKET_OUTGOING`), not received.
+    pub outgoing: bool,
+    /// The 802.1Q tag (TPID, TCI) the kernel moved out of the frame into metadata, if any.
+    pub vlan: Option<(u16, u16)>,
+}
+
+/// Receives one frame from a socket made by `packet_socket`. On a blocking socket this waits
+/// (up to `SO_RCVTIMEO`); on a non-blocking one it returns `WouldBlock` when none is queued.
+pub fn packet_recv(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<PacketMeta> {
+    use nix::libc;
+    // SAFETY: plain C structs; all zero bytes is a valid value of each.
+    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    // Room for one cmsghdr carrying a tpacket_auxdata, u64-aligned as cmsg(3) requires.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: as above.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+    message.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: every pointer in `message` (name, one iovec over `buf`, control) points to memory
+    // that is valid and writable for the given lengths for the whole call. MSG_TRUNC makes the
+    // return value the frame's real length (packet(7)).
+    let wire_len = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut message, libc::MSG_TRUNC) };
+    if wire_len < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let wire_len = wire_len as usize;
+    let mut vlan = None;
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer the kernel filled, within
+    // `msg_controllen`; each header they return lies inside `control`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&message) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is non-null and points inside `control` (see above).
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_PACKET && header.cmsg_type == libc::PACKET_AUXDATA {
+            // SAFETY: a PACKET_AUXDATA message carries one tpacket_auxdata as its data; it may
+            // be unaligned for the struct, hence read_unaligned.
+            let aux: libc::tpacket_auxdata =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::tpacket_auxdata>()) };
+            if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 { aux.tp_vlan_tpid } else { 0x8100 };
+                vlan = Some((tpid, aux.tp_vlan_tci));
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&message, cmsg) };
+    }
+    Ok(PacketMeta { len: wire_len.min(buf.len()), wire_len, outgoing: from.sll_pkttype == libc::PACKET_OUTGOING, vlan })
+}
+
+/// Registers an owned descriptor with the tokio reactor (it must be non-blocking for the
+/// `try_io` pattern to work). Must run inside a tokio runtime.
+pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open descriptor that stays open, and returns the same
+    // number from as_raw_fd, until it is dropped, which the AsyncFd only does on its own drop
+    // (or hands it back through into_inner).
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|err| err.into_parts().1)
 }

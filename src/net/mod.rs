@@ -1,5 +1,19 @@
-//! The container's side of the management network: which address the management interface
-//! has, so forwards listen there. This module only reads; it never changes an interface.
+//! The container's interfaces. This file owns the management side: which address the
+//! management interface has, so forwards listen there; it only reads and never changes an
+//! interface. The data plane lives in the submodules:
+//!
+//! - `links`: which data links exist, in guest order, and waiting for them (netlink events);
+//! - `tap`: TAP, macvtap and vhost-net descriptors for QEMU (the only file opening `/dev`);
+//! - `plumb`: stitching one data link to one VM NIC per plumbing mode (plan, then apply).
+//!
+//! Nothing under `net` ever touches the management interface.
+
+/// Data link discovery and waiting.
+pub mod links;
+/// Stitching a data link to a VM NIC: plans per plumbing mode and their executor.
+pub mod plumb;
+/// TAP, macvtap and vhost-net descriptors.
+pub mod tap;
 
 use std::net::Ipv4Addr;
 
@@ -34,6 +48,9 @@ pub fn mgmt_address(iface: &str) -> Result<Ipv4Addr, MgmtError> {
         present: if present.is_empty() { "none".into() } else { present.join(", ") },
     })
 }
+
+#[cfg(test)]
+mod kernel_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,1016 @@
+//! Stitching one container data link to one VM NIC, per plumbing mode. `plan` decides the
+//! kernel steps as plain data; `stitch` carries them out over rtnetlink and records how to
+//! undo each, so `unstitch` (or a failed `stitch`) removes exactly what was made. `plan`
+//! never touches the kernel; nothing here ever touches the management interface, and the
+//! data link itself only gains an ingress qdisc (tc), a bridge master (bridge) or a macvtap
+//! upper device (macvtap), never a new MTU, address or admin state.
+//!
+//! Modes (see DESIGN.md, "Data plane modes"):
+//!
+//! - `tc`: a TAP; an ingress qdisc on the link and on the TAP, each with a match-all filter
+//!   whose action is `mirred egress redirect` to the other. Every frame passes, LACP and STP
+//!   included; nothing learns. The classifier is `matchall` where the kernel has it, else `u32`
+//!   with one all-zero key (`u32 match u32 0 0`), probed once per process.
+//! - `bridge`: a Linux bridge per link with the link and a TAP as ports, STP off, forward delay
+//!   0, ageing 0 (every frame floods to the one other port: a hub, so no MAC ever gets stuck on
+//!   the wrong side) and `group_fwd_mask` 0x4000 so LLDP passes, as Antidote's images did.
+//!   The kernel refuses bits 0-2 of that mask (br_sysfs_br.c, BR_GROUPFWD_RESTRICTED): LACP
+//!   (01:80:c2:00:00:02) is never forwarded and MAC pause (…:01) never either. STP BPDUs
+//!   (…:00) are forwarded while the bridge's own STP is off (br_input.c: "If STP is turned
+//!   off, then must forward to keep loop detection"), so a bridge passes STP but not LACP.
+//! - `macvtap`: a macvtap in passthru mode on the link (the link goes promiscuous), in
+//!   allmulticast mode so every multicast reaches the guest; QEMU gets its `/dev/tapN`.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use futures::StreamExt;
+use netlink_packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, BridgeStpState, In6AddrGenMode, LinkAttribute, MacVtapMode,
+};
+use netlink_packet_route::tc::{
+    TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType,
+    TcAttribute, TcFilterMatchAll, TcFilterMatchAllOption, TcHandle, TcMessage, TcMirror, TcMirrorActionType, TcOption,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+use rtnetlink::{Handle, LinkBridge, LinkMacVtap, LinkMessageBuilder, LinkUnspec};
+use tracing::{debug, info, warn};
+
+use super::links::Link;
+use super::tap::{self, TapError};
+use crate::config::Plumbing;
+use crate::sys;
+use crate::vm::argv::{DataNic, NicBackend};
+
+/// The bridge's `group_fwd_mask`: bit 14 forwards 01:80:c2:00:00:0e (LLDP, 802.1AB).
+pub const GROUP_FWD_MASK: u16 = 1 << 14;
+
+/// Priority of the redirect filters (lower numbers match first; these are the only filters).
+const FILTER_PRIORITY: u16 = 1;
+/// Priority of the short-lived probe filter.
+const PROBE_PRIORITY: u16 = 0xfff0;
+/// `ETH_P_ALL` in network byte order, as tc filters take their protocol (`protocol all`).
+const PROTOCOL_ALL: u16 = 0x0003u16.to_be();
+
+/// How long `self_check` waits for its frame on the link.
+pub const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often `self_check` sends its frame again while it has not seen it leave.
+pub const SELF_CHECK_RESEND: Duration = Duration::from_millis(250);
+/// The self-check frame's ethertype: IEEE 802 "local experimental ethertype 1".
+pub const SELF_CHECK_ETHERTYPE: u16 = 0x88b5;
+
+/// The TAP of VM NIC `nic` (1-based).
+pub fn tap_name(nic: u32) -> String {
+    format!("vtap{nic}")
+}
+
+/// The bridge of VM NIC `nic` in bridge mode.
+pub fn bridge_name(nic: u32) -> String {
+    format!("vbr{nic}")
+}
+
+/// The macvtap of VM NIC `nic` in macvtap mode.
+pub fn macvtap_name(nic: u32) -> String {
+    format!("vmvt{nic}")
+}
+
+/// The tc classifier the redirect filters use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classifier {
+    /// `matchall` (cls_matchall): matches every frame by definition.
+    Matchall,
+    /// `u32` (cls_u32) with one key of mask 0: matches every frame.
+    U32,
+}
+
+impl Classifier {
+    /// The kernel's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Classifier::Matchall => "matchall",
+            Classifier::U32 => "u32",
+        }
+    }
+}
+
+/// One kernel step of a plan. Devices are named; the executor resolves names to indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetOp {
+    /// Create a TAP through `/dev/net/tun` (`create_tap`); its descriptor goes to QEMU.
+    CreateTap {
+        /// Its name.
+        name: String,
+    },
+    /// Create a Linux bridge, down, with STP off and forward delay 0.
+    CreateBridge {
+        /// Its name.
+        name: String,
+        /// `IFLA_BR_GROUP_FWD_MASK`.
+        group_fwd_mask: u16,
+        /// `IFLA_BR_AGEING_TIME` in centiseconds (0: entries expire at once, so it floods).
+        ageing_time: u32,
+    },
+    /// Create a macvtap in passthru mode on a link.
+    CreateMacvtap {
+        /// Its name.
+        name: String,
+        /// The lower link.
+        link: String,
+        /// Its MTU.
+        mtu: u32,
+    },
+    /// Stop the kernel from giving a device an IPv6 link-local address
+    /// (`IFLA_INET6_ADDR_GEN_MODE` none), so it never sends router solicitations or MLD
+    /// reports of its own into the data plane.
+    NoIpv6 {
+        /// The device.
+        dev: String,
+    },
+    /// Set a device's MTU.
+    SetMtu {
+        /// The device.
+        dev: String,
+        /// The MTU.
+        mtu: u32,
+    },
+    /// Receive every multicast frame (`IFF_ALLMULTI`).
+    SetAllmulti {
+        /// The device.
+        dev: String,
+    },
+    /// Make a device a port of a bridge.
+    Enslave {
+        /// The port.
+        dev: String,
+        /// The bridge.
+        bridge: String,
+    },
+    /// Bring a device up.
+    SetUp {
+        /// The device.
+        dev: String,
+    },
+    /// Add the ingress qdisc (`tc qdisc add dev X ingress`).
+    AddIngress {
+        /// The device.
+        dev: String,
+    },
+    /// Redirect every frame arriving on `from` out of `to` (`tc filter add dev FROM ingress
+    /// protocol all <match-all> action mirred egress redirect dev TO`).
+    Redirect {
+        /// Where frames arrive.
+        from: String,
+        /// Where they leave.
+        to: String,
+    },
+    /// Open a macvtap's character device (`open_macvtap`); the descriptor goes to QEMU.
+    OpenMacvtap {
+        /// The macvtap.
+        name: String,
+    },
+}
+
+/// The steps that stitch `link` to VM NIC `nic` in `mode`. Pure.
+pub fn plan(mode: Plumbing, link: &Link, nic: u32) -> Vec<NetOp> {
+    let tap = tap_name(nic);
+    let mtu = link.mtu;
+    let dev = |name: &str| name.to_string();
+    match mode {
+        Plumbing::Tc => vec![
+            NetOp::CreateTap { name: tap.clone() },
+            NetOp::NoIpv6 { dev: tap.clone() },
+            NetOp::SetMtu { dev: tap.clone(), mtu },
+            NetOp::SetUp { dev: tap.clone() },
+            NetOp::AddIngress { dev: link.name.clone() },
+            NetOp::AddIngress { dev: tap.clone() },
+            NetOp::Redirect { from: link.name.clone(), to: tap.clone() },
+            NetOp::Redirect { from: tap, to: link.name.clone() },
+        ],
+        Plumbing::Bridge => {
+            let bridge = bridge_name(nic);
+            vec![
+                NetOp::CreateTap { name: tap.clone() },
+                NetOp::NoIpv6 { dev: tap.clone() },
+                NetOp::SetMtu { dev: tap.clone(), mtu },
+                NetOp::CreateBridge { name: bridge.clone(), group_fwd_mask: GROUP_FWD_MASK, ageing_time: 0 },
+                NetOp::NoIpv6 { dev: bridge.clone() },
+                NetOp::SetMtu { dev: bridge.clone(), mtu },
+                NetOp::Enslave { dev: tap.clone(), bridge: bridge.clone() },
+                NetOp::Enslave { dev: dev(&link.name), bridge: bridge.clone() },
+                NetOp::SetUp { dev: tap },
+                NetOp::SetUp { dev: bridge },
+            ]
+        }
+        Plumbing::Macvtap => {
+            let macvtap = macvtap_name(nic);
+            vec![
+                NetOp::CreateMacvtap { name: macvtap.clone(), link: link.name.clone(), mtu },
+                NetOp::NoIpv6 { dev: macvtap.clone() },
+                // A macvtap only passes the multicast groups on its own list, and nobody
+                // (QEMU included) puts the guest's groups there: LLDP, LACP, STP, IPv6
+                // neighbour discovery would be dropped (macvlan.c, macvlan_compute_filter).
+                NetOp::SetAllmulti { dev: macvtap.clone() },
+                NetOp::SetUp { dev: macvtap.clone() },
+                NetOp::OpenMacvtap { name: macvtap },
+            ]
+        }
+    }
+}
+
+/// Why plumbing failed. Every variant names the step and its object.
+#[derive(Debug, thiserror::Error)]
+pub enum PlumbError {
+    /// A TAP or macvtap descriptor could not be had.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// A device the plan names is not known (a bug in the plan, or it vanished).
+    #[error("cannot find device {name}")]
+    UnknownDevice {
+        /// The device.
+        name: String,
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// Creating the bridge failed.
+    #[error("cannot create bridge {name}")]
+    CreateBridge {
+        /// The bridge.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Creating the macvtap failed.
+    #[error("cannot create macvtap {name} on {link}")]
+    CreateMacvtap {
+        /// The macvtap.
+        name: String,
+        /// Its lower link.
+        link: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Setting an MTU failed.
+    #[error("cannot set the mtu of {dev} to {mtu}")]
+    SetMtu {
+        /// The device.
+        dev: String,
+        /// The MTU.
+        mtu: u32,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Setting allmulticast failed.
+    #[error("cannot set {dev} allmulticast")]
+    SetAllmulti {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Enslaving a port failed.
+    #[error("cannot add {dev} to bridge {bridge}")]
+    Enslave {
+        /// The port.
+        dev: String,
+        /// The bridge.
+        bridge: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Bringing a device up failed.
+    #[error("cannot bring {dev} up")]
+    SetUp {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Adding an ingress qdisc failed.
+    #[error("cannot add an ingress qdisc to {dev}")]
+    AddIngress {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Probing for a classifier failed (for another reason than its absence).
+    #[error("cannot probe tc classifiers on {dev}")]
+    Probe {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Adding a redirect filter failed.
+    #[error("cannot redirect {from} to {to} with a {classifier} filter")]
+    Redirect {
+        /// Where frames arrive.
+        from: String,
+        /// Where they would leave.
+        to: String,
+        /// The classifier.
+        classifier: &'static str,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Deleting a device failed.
+    #[error("cannot delete {dev}")]
+    DeleteLink {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// Deleting an ingress qdisc failed.
+    #[error("cannot delete the ingress qdisc of {dev}")]
+    DeleteIngress {
+        /// The device.
+        dev: String,
+        /// Why.
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    /// The self-check could not send or watch.
+    #[error("self-check of {link} (nic {nic}) failed")]
+    SelfCheck {
+        /// The link.
+        link: String,
+        /// The VM NIC.
+        nic: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The self-check frame never left on the link.
+    #[error("self-check frame written to {device} did not leave on {link} within {waited:?}")]
+    SelfCheckLost {
+        /// The device written to.
+        device: String,
+        /// The link watched.
+        link: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+}
+
+/// How to take back one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Undo {
+    DeleteLink { name: String, index: u32 },
+    DeleteIngress { name: String, index: u32 },
+}
+
+/// A data link stitched to a VM NIC: what QEMU needs, and what `unstitch` removes.
+#[derive(Debug)]
+pub struct Stitch {
+    /// The container link.
+    pub link: Link,
+    /// The VM NIC (1-based).
+    pub nic: u32,
+    /// The mode.
+    pub mode: Plumbing,
+    /// The device whose descriptor QEMU gets (the TAP, or the macvtap).
+    pub device: String,
+    /// Its interface index.
+    pub device_index: u32,
+    /// The descriptor for QEMU (`-netdev tap,fd=N`). For a TAP it is the only one: the TAP
+    /// lives while this or QEMU's inherited copy is open.
+    pub fd: OwnedFd,
+    /// `/dev/vhost-net`, when it opens.
+    pub vhost: Option<OwnedFd>,
+    /// The classifier of the redirect filters (tc mode).
+    pub classifier: Option<Classifier>,
+    undo: Vec<Undo>,
+}
+
+impl Stitch {
+    /// The VM NIC for `vm::argv`: the descriptor (to be inherited by QEMU), the link's MTU,
+    /// vhost when `/dev/vhost-net` opened. QEMU then opens `/dev/vhost-net` itself (`vhost=on`
+    /// without `vhostfd=`); the descriptor held here only proves it can.
+    pub fn data_nic(&self) -> DataNic {
+        DataNic {
+            index: self.nic,
+            backend: NicBackend::TapFd { fd: self.fd.as_raw_fd() },
+            mtu: self.link.mtu,
+            vhost: self.vhost.is_some(),
+        }
+    }
+}
+
+/// Turns a netlink error into its errno, if it is one.
+fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
+        _ => None,
+    }
+}
+
+/// Sends one request and waits for its acknowledgement.
+async fn request(handle: &Handle, message: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+    let mut message = NetlinkMessage::from(message);
+    message.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    let mut responses = handle.clone().request(message)?;
+    while let Some(response) = responses.next().await {
+        if let NetlinkPayload::Error(err) = response.payload {
+            if err.code.is_some() {
+                return Err(rtnetlink::Error::NetlinkError(err));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `mirred egress redirect dev <to>` action; `stolen` because the frame is consumed
+/// (what tc(8) sets for redirect, tc-mirred(8)).
+fn redirect_action(to: u32) -> TcAction {
+    let mut mirror = TcMirror::default();
+    mirror.generic = TcActionGeneric::default();
+    mirror.generic.action = TcActionType::Stolen;
+    mirror.eaction = TcMirrorActionType::EgressRedir;
+    mirror.ifindex = to;
+    let mut action = TcAction::default();
+    action.attributes = vec![
+        TcActionAttribute::Kind(TcActionMirror::KIND.to_string()),
+        TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(mirror))]),
+    ];
+    action
+}
+
+/// A `matchall` filter on the ingress of `dev`, with `actions`.
+fn matchall_filter(dev: u32, priority: u16, actions: Vec<TcAction>) -> TcMessage {
+    let mut message = TcMessage::with_index(dev as i32);
+    message.header.parent = TcHandle { major: 0xffff, minor: TcHandle::MIN_INGRESS };
+    message.header.info = u32::from(TcHandle { major: priority, minor: PROTOCOL_ALL });
+    let mut options = Vec::new();
+    if !actions.is_empty() {
+        options.push(TcOption::MatchAll(TcFilterMatchAllOption::Action(actions)));
+    }
+    message.attributes = vec![TcAttribute::Kind(TcFilterMatchAll::KIND.to_string()), TcAttribute::Options(options)];
+    message
+}
+
+/// Which match-all classifier the kernel has: adds a `matchall` filter without actions on
+/// the ingress of `ifindex` (which must have an ingress qdisc) and deletes it again; `u32`
+/// when the kernel answers that the classifier does not exist (ENOENT; EOPNOTSUPP where
+/// modules cannot load). Kernels built without `cls_matchall` exist (this project's CI), so
+/// this never assumes.
+pub async fn probe_classifier(handle: &Handle, ifindex: u32, dev: &str) -> Result<Classifier, PlumbError> {
+    debug!(dev, "probing for the matchall classifier");
+    let probe = matchall_filter(ifindex, PROBE_PRIORITY, Vec::new());
+    match request(handle, RouteNetlinkMessage::NewTrafficFilter(probe.clone()), NLM_F_CREATE | NLM_F_EXCL).await {
+        Ok(()) => {
+            let mut delete = TcMessage::with_index(ifindex as i32);
+            delete.header.parent = probe.header.parent;
+            delete.header.info = probe.header.info;
+            request(handle, RouteNetlinkMessage::DelTrafficFilter(delete), 0)
+                .await
+                .map_err(|source| PlumbError::Probe { dev: dev.into(), source: Box::new(source) })?;
+            Ok(Classifier::Matchall)
+        }
+        Err(err) if matches!(errno(&err), Some(nix::libc::ENOENT | nix::libc::EOPNOTSUPP)) => Ok(Classifier::U32),
+        Err(source) => Err(PlumbError::Probe { dev: dev.into(), source: Box::new(source) }),
+    }
+}
+
+/// The classifier for this process, probed on first use.
+async fn classifier(handle: &Handle, ifindex: u32, dev: &str) -> Result<Classifier, PlumbError> {
+    static CLASSIFIER: tokio::sync::OnceCell<Classifier> = tokio::sync::OnceCell::const_new();
+    CLASSIFIER
+        .get_or_try_init(|| async {
+            let found = probe_classifier(handle, ifindex, dev).await?;
+            info!(classifier = found.as_str(), "tc classifier for redirects");
+            Ok(found)
+        })
+        .await
+        .copied()
+}
+
+/// What the executor has made so far.
+struct Progress {
+    /// Device name to interface index.
+    index: HashMap<String, u32>,
+    fd: Option<(String, OwnedFd)>,
+    classifier: Option<Classifier>,
+    undo: Vec<Undo>,
+}
+
+impl Progress {
+    fn index(&self, name: &str) -> Result<u32, PlumbError> {
+        match self.index.get(name) {
+            Some(index) => Ok(*index),
+            None => nix::net::if_::if_nametoindex(name)
+                .map_err(|source| PlumbError::UnknownDevice { name: name.into(), source }),
+        }
+    }
+}
+
+fn link_set(index: u32) -> LinkMessageBuilder<LinkUnspec> {
+    LinkUnspec::new_with_index(index)
+}
+
+/// Carries out one step.
+async fn apply(handle: &Handle, op: &NetOp, progress: &mut Progress) -> Result<(), PlumbError> {
+    match op {
+        NetOp::CreateTap { name } => {
+            let fd = tap::create_tap(name)?;
+            let index = nix::net::if_::if_nametoindex(name.as_str())
+                .map_err(|source| PlumbError::UnknownDevice { name: name.clone(), source })?;
+            progress.index.insert(name.clone(), index);
+            progress.undo.push(Undo::DeleteLink { name: name.clone(), index });
+            progress.fd = Some((name.clone(), fd));
+        }
+        NetOp::CreateBridge { name, group_fwd_mask, ageing_time } => {
+            debug!(name, group_fwd_mask, ageing_time, "RTM_NEWLINK bridge");
+            let message = LinkMessageBuilder::<LinkBridge>::new(name)
+                .stp_state(BridgeStpState::Disabled)
+                .forward_delay(0)
+                .ageing_time(*ageing_time)
+                .group_fwd_mask(*group_fwd_mask)
+                // No IGMP/MLD snooping: the bridge must not decide which multicast the guest
+                // sees.
+                .mcast_snooping(false)
+                .build();
+            handle
+                .link()
+                .add(message)
+                .execute()
+                .await
+                .map_err(|source| PlumbError::CreateBridge { name: name.clone(), source: Box::new(source) })?;
+            let index = progress.index(name)?;
+            progress.index.insert(name.clone(), index);
+            progress.undo.push(Undo::DeleteLink { name: name.clone(), index });
+        }
+        NetOp::CreateMacvtap { name, link, mtu } => {
+            let lower = progress.index(link)?;
+            debug!(name, link, mtu, "RTM_NEWLINK macvtap mode passthru");
+            let message = LinkMacVtap::new(name, lower, MacVtapMode::Passthrough).mtu(*mtu).build();
+            handle.link().add(message).execute().await.map_err(|source| PlumbError::CreateMacvtap {
+                name: name.clone(),
+                link: link.clone(),
+                source: Box::new(source),
+            })?;
+            let index = progress.index(name)?;
+            progress.index.insert(name.clone(), index);
+            progress.undo.push(Undo::DeleteLink { name: name.clone(), index });
+        }
+        NetOp::NoIpv6 { dev } => {
+            let index = progress.index(dev)?;
+            debug!(dev, "RTM_SETLINK addrgenmode none");
+            let message = link_set(index)
+                .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
+                    AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
+                ])]))
+                .build();
+            // Not fatal: a kernel without IPv6 refuses the attribute, and then there is no
+            // IPv6 chatter to prevent either.
+            if let Err(err) = handle.link().set(message).execute().await {
+                debug!(dev, %err, "cannot turn off IPv6 address generation");
+            }
+        }
+        NetOp::SetMtu { dev, mtu } => {
+            let index = progress.index(dev)?;
+            debug!(dev, mtu, "RTM_SETLINK mtu");
+            handle
+                .link()
+                .set(link_set(index).mtu(*mtu).build())
+                .execute()
+                .await
+                .map_err(|source| PlumbError::SetMtu { dev: dev.clone(), mtu: *mtu, source: Box::new(source) })?;
+        }
+        NetOp::SetAllmulti { dev } => {
+            let index = progress.index(dev)?;
+            debug!(dev, "RTM_SETLINK allmulticast on");
+            handle
+                .link()
+                .set(link_set(index).allmulticast(true).build())
+                .execute()
+                .await
+                .map_err(|source| PlumbError::SetAllmulti { dev: dev.clone(), source: Box::new(source) })?;
+        }
+        NetOp::Enslave { dev, bridge } => {
+            let index = progress.index(dev)?;
+            let master = progress.index(bridge)?;
+            debug!(dev, bridge, "RTM_SETLINK master");
+            handle.link().set(link_set(index).controller(master).build()).execute().await.map_err(|source| {
+                PlumbError::Enslave { dev: dev.clone(), bridge: bridge.clone(), source: Box::new(source) }
+            })?;
+        }
+        NetOp::SetUp { dev } => {
+            let index = progress.index(dev)?;
+            debug!(dev, "RTM_SETLINK up");
+            handle
+                .link()
+                .set(link_set(index).up().build())
+                .execute()
+                .await
+                .map_err(|source| PlumbError::SetUp { dev: dev.clone(), source: Box::new(source) })?;
+        }
+        NetOp::AddIngress { dev } => {
+            let index = progress.index(dev)?;
+            debug!(dev, "RTM_NEWQDISC ingress");
+            handle
+                .qdisc()
+                .add(index as i32)
+                .ingress()
+                .execute()
+                .await
+                .map_err(|source| PlumbError::AddIngress { dev: dev.clone(), source: Box::new(source) })?;
+            progress.undo.push(Undo::DeleteIngress { name: dev.clone(), index });
+        }
+        NetOp::Redirect { from, to } => {
+            let from_index = progress.index(from)?;
+            let to_index = progress.index(to)?;
+            let classifier = classifier(handle, from_index, from).await?;
+            progress.classifier = Some(classifier);
+            debug!(from, to, classifier = classifier.as_str(), "RTM_NEWTFILTER mirred egress redirect");
+            let result = match classifier {
+                Classifier::Matchall => {
+                    let filter = matchall_filter(from_index, FILTER_PRIORITY, vec![redirect_action(to_index)]);
+                    request(handle, RouteNetlinkMessage::NewTrafficFilter(filter), NLM_F_CREATE | NLM_F_EXCL).await
+                }
+                // rtnetlink's `redirect` is exactly `u32 match u32 0 0 action mirred egress
+                // redirect`: one key with mask 0 matches every frame; the selector is
+                // terminal (tc-u32(8)).
+                Classifier::U32 => match handle
+                    .traffic_filter(from_index as i32)
+                    .add()
+                    .ingress()
+                    .priority(FILTER_PRIORITY)
+                    .protocol(PROTOCOL_ALL)
+                    .redirect(to_index)
+                {
+                    Ok(filter) => filter.execute().await,
+                    Err(err) => Err(err),
+                },
+            };
+            result.map_err(|source| PlumbError::Redirect {
+                from: from.clone(),
+                to: to.clone(),
+                classifier: classifier.as_str(),
+                source: Box::new(source),
+            })?;
+        }
+        NetOp::OpenMacvtap { name } => {
+            let index = progress.index(name)?;
+            let fd = tap::open_macvtap(index)?;
+            progress.fd = Some((name.clone(), fd));
+        }
+    }
+    Ok(())
+}
+
+/// Takes back one step; what is already gone counts as taken back.
+async fn revert(handle: &Handle, undo: &Undo) -> Result<(), PlumbError> {
+    match undo {
+        Undo::DeleteLink { name, index } => {
+            debug!(dev = %name, "RTM_DELLINK");
+            match handle.link().del(*index).execute().await {
+                Err(err) if errno(&err) == Some(nix::libc::ENODEV) => Ok(()),
+                result => {
+                    result.map_err(|source| PlumbError::DeleteLink { dev: name.clone(), source: Box::new(source) })
+                }
+            }
+        }
+        Undo::DeleteIngress { name, index } => {
+            debug!(dev = %name, "RTM_DELQDISC ingress");
+            let mut delete = handle.qdisc().del(*index as i32);
+            delete.message_mut().header.parent = TcHandle::INGRESS;
+            delete.message_mut().header.handle = TcHandle::from(0xffff_0000);
+            match delete.execute().await {
+                // No device, no ingress qdisc, or another qdisc there (tc_get_qdisc).
+                Err(err) if matches!(errno(&err), Some(nix::libc::ENODEV | nix::libc::ENOENT | nix::libc::EINVAL)) => {
+                    Ok(())
+                }
+                result => {
+                    result.map_err(|source| PlumbError::DeleteIngress { dev: name.clone(), source: Box::new(source) })
+                }
+            }
+        }
+    }
+}
+
+/// Takes back every step in reverse order; returns the first failure after trying all.
+async fn revert_all(handle: &Handle, undo: &[Undo]) -> Result<(), PlumbError> {
+    let mut first = None;
+    for step in undo.iter().rev() {
+        if let Err(err) = revert(handle, step).await {
+            warn!(error = %err, "cleanup step failed");
+            first.get_or_insert(err);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Stitches `link` to VM NIC `nic` in `mode` (see the module docs), in the calling thread's
+/// network namespace. On failure, removes whatever it made before returning the error.
+pub async fn stitch(handle: &Handle, mode: Plumbing, link: &Link, nic: u32) -> Result<Stitch, PlumbError> {
+    let steps = plan(mode, link, nic);
+    let mut progress = Progress {
+        index: HashMap::from([(link.name.clone(), link.index)]),
+        fd: None,
+        classifier: None,
+        undo: Vec::new(),
+    };
+    for step in &steps {
+        if let Err(err) = apply(handle, step, &mut progress).await {
+            warn!(link = %link.name, nic, mode = mode.as_str(), error = %err, "plumbing failed; cleaning up");
+            let _ = revert_all(handle, &progress.undo).await;
+            return Err(err);
+        }
+    }
+    let Some((device, fd)) = progress.fd.take() else {
+        unreachable!("every plan makes a descriptor for QEMU");
+    };
+    let device_index = progress.index(&device)?;
+    let vhost = tap::open_vhost_net();
+    info!(
+        link = %link.name,
+        nic,
+        mode = mode.as_str(),
+        device = %device,
+        mtu = link.mtu,
+        vhost = vhost.is_some(),
+        classifier = progress.classifier.map(Classifier::as_str),
+        "data link stitched"
+    );
+    Ok(Stitch {
+        link: link.clone(),
+        nic,
+        mode,
+        device,
+        device_index,
+        fd,
+        vhost,
+        classifier: progress.classifier,
+        undo: progress.undo,
+    })
+}
+
+/// Removes everything `stitch` made for `stitch` (ingress qdisc on the link, TAP, bridge,
+/// macvtap), also the TAP while QEMU still holds it (the guest's NIC then loses its link).
+/// What is already gone is fine. Tries every step and returns the first failure.
+pub async fn unstitch(handle: &Handle, stitch: &Stitch) -> Result<(), PlumbError> {
+    let result = revert_all(handle, &stitch.undo).await;
+    info!(link = %stitch.link.name, nic = stitch.nic, ok = result.is_ok(), "data link unstitched");
+    result
+}
+
+/// The self-check frame of VM NIC `nic`: to and from locally administered addresses no
+/// interface has (02:76:69:61:6c = "vial"), IEEE local experimental ethertype, a payload that
+/// names it, padded to the Ethernet minimum. Pure.
+pub fn self_check_frame(nic: u32, nonce: u64) -> Vec<u8> {
+    let mut frame = vec![0x02, 0x76, 0x69, 0x61, 0x6c, 0xff, 0x02, 0x76, 0x69, 0x61, 0x6c, nic.min(254) as u8];
+    frame.extend_from_slice(&SELF_CHECK_ETHERTYPE.to_be_bytes());
+    frame.extend_from_slice(format!("vial self-check nic {nic} nonce {nonce:016x}").as_bytes());
+    frame.resize(frame.len().max(60), 0);
+    frame
+}
+
+/// What `self_check` proved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfCheck {
+    /// The frame written at the VM's side left on the link.
+    Passed,
+    /// The link has no carrier (the other end of a veth is down, or a cable is out): nothing
+    /// can leave on it, so nothing was sent and nothing is proven. Frames are dropped before
+    /// any packet socket sees them (the device runs `noop` qdisc without carrier).
+    NoCarrier,
+}
+
+/// `name`'s carrier (`IFF_LOWER_UP`) and operational state (`IFF_RUNNING`), from the
+/// kernel's link table.
+fn carrier_and_running(name: &str) -> Result<(bool, bool), nix::Error> {
+    use nix::net::if_::InterfaceFlags;
+    let flags = nix::ifaddrs::getifaddrs()?
+        .filter(|entry| entry.interface_name == name)
+        .fold(InterfaceFlags::empty(), |flags, entry| flags | entry.flags);
+    Ok((flags.contains(InterfaceFlags::IFF_LOWER_UP), flags.contains(InterfaceFlags::IFF_RUNNING)))
+}
+
+/// Proves the plumbing carries frames from the VM's side to the wire: writes one frame into
+/// the stitch's descriptor (as the guest would send it) and waits for it to leave on the
+/// link, seen by an `AF_PACKET` socket as `PACKET_OUTGOING` (packet(7)). Works the same in
+/// every mode. Side effect: one 60-byte frame with ethertype 0x88b5 (IEEE local experimental)
+/// on each data link at start (rarely a few: it is sent again every `SELF_CHECK_RESEND` until
+/// seen), unicast to 02:76:69:61:6c:ff, which no interface has. A link
+/// without carrier is reported as such, not as a failure: its peer may simply not be up yet.
+pub async fn self_check(stitch: &Stitch) -> Result<SelfCheck, PlumbError> {
+    let io_error = |source| PlumbError::SelfCheck { link: stitch.link.name.clone(), nic: stitch.nic, source };
+    // Carrier is set at once when a veth's peer comes up, but the device only gets its real
+    // qdisc (dev_activate), and `IFF_RUNNING`, from the link-watch work, up to a second later
+    // (net/core/link_watch.c); until then every frame sent is dropped. A bridge likewise
+    // enables a port (br_port_carrier_check) only once link-watch reports it up. So: no carrier
+    // on the link means nothing to prove; otherwise wait until the link and the device run.
+    let deadline = tokio::time::Instant::now() + SELF_CHECK_TIMEOUT;
+    loop {
+        let (carrier, link_running) = carrier_and_running(&stitch.link.name).map_err(|err| io_error(err.into()))?;
+        if !carrier {
+            warn!(link = %stitch.link.name, nic = stitch.nic, "link has no carrier; self-check skipped");
+            return Ok(SelfCheck::NoCarrier);
+        }
+        let (_, device_running) = carrier_and_running(&stitch.device).map_err(|err| io_error(err.into()))?;
+        if (link_running && device_running) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let socket = sys::packet_socket(stitch.link.index).map_err(io_error)?;
+    nix::fcntl::fcntl(&socket, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(|err| io_error(err.into()))?;
+    let socket = sys::async_fd(socket).map_err(io_error)?;
+
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let frame = self_check_frame(stitch.nic, nonce);
+    // The descriptor carries a virtio-net header (see `tap`); QEMU may have changed its
+    // length already, so it is asked each time. An all-zero header means no offload.
+    let header = sys::tun_vnet_hdr_len(stitch.fd.as_fd()).map_err(io_error)?;
+    let mut message = vec![0u8; header];
+    message.extend_from_slice(&frame);
+
+    let mut buf = vec![0u8; 2048];
+    let watch = async {
+        // The same frame again every SELF_CHECK_RESEND until one is seen: a device can still
+        // be settling when the check starts (a bridge port that link-watch has not enabled
+        // yet drops it), and one lost frame must not fail the endpoint.
+        let mut resend = tokio::time::interval(SELF_CHECK_RESEND);
+        let mut sent = 0u32;
+        loop {
+            tokio::select! {
+                _ = resend.tick() => {
+                    sent += 1;
+                    debug!(device = %stitch.device, link = %stitch.link.name, header, sent, "writing the self-check frame");
+                    nix::unistd::write(&stitch.fd, &message)?;
+                }
+                ready = socket.readable() => {
+                    let mut ready = ready?;
+                    match ready.try_io(|socket| sys::packet_recv(socket.as_fd(), &mut buf)) {
+                        Ok(Ok(meta)) if meta.outgoing && buf[..meta.len] == frame[..] => return Ok(sent),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => return Err(err),
+                        Err(_would_block) => {}
+                    }
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(SELF_CHECK_TIMEOUT, watch).await {
+        Ok(Ok(sent)) => {
+            info!(link = %stitch.link.name, nic = stitch.nic, sent, "self-check frame left on the link");
+            Ok(SelfCheck::Passed)
+        }
+        Ok(Err(err)) => Err(io_error(err)),
+        Err(_) => Err(PlumbError::SelfCheckLost {
+            device: stitch.device.clone(),
+            link: stitch.link.name.clone(),
+            waited: SELF_CHECK_TIMEOUT,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eth(name: &str, index: u32, mtu: u32) -> Link {
+        Link { name: name.into(), index, mtu, mac: [2, 0, 0, 0, 0, 1], up: true }
+    }
+
+    fn op_names(ops: &[NetOp]) -> Vec<String> {
+        ops.iter()
+            .map(|op| match op {
+                NetOp::CreateTap { name } => format!("tap {name}"),
+                NetOp::CreateBridge { name, group_fwd_mask, ageing_time } => {
+                    format!("bridge {name} mask={group_fwd_mask:#x} ageing={ageing_time}")
+                }
+                NetOp::CreateMacvtap { name, link, mtu } => format!("macvtap {name} on {link} mtu {mtu}"),
+                NetOp::NoIpv6 { dev } => format!("noipv6 {dev}"),
+                NetOp::SetMtu { dev, mtu } => format!("mtu {dev} {mtu}"),
+                NetOp::SetAllmulti { dev } => format!("allmulti {dev}"),
+                NetOp::Enslave { dev, bridge } => format!("enslave {dev} {bridge}"),
+                NetOp::SetUp { dev } => format!("up {dev}"),
+                NetOp::AddIngress { dev } => format!("ingress {dev}"),
+                NetOp::Redirect { from, to } => format!("redirect {from} {to}"),
+                NetOp::OpenMacvtap { name } => format!("open {name}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tc_plan_redirects_both_ways_at_the_link_mtu() {
+        assert_eq!(
+            op_names(&plan(Plumbing::Tc, &eth("eth3", 7, 9500), 3)),
+            [
+                "tap vtap3",
+                "noipv6 vtap3",
+                "mtu vtap3 9500",
+                "up vtap3",
+                "ingress eth3",
+                "ingress vtap3",
+                "redirect eth3 vtap3",
+                "redirect vtap3 eth3"
+            ]
+        );
+    }
+
+    #[test]
+    fn bridge_plan_forwards_lldp_and_floods() {
+        assert_eq!(
+            op_names(&plan(Plumbing::Bridge, &eth("net1", 4, 9000), 1)),
+            [
+                "tap vtap1",
+                "noipv6 vtap1",
+                "mtu vtap1 9000",
+                "bridge vbr1 mask=0x4000 ageing=0",
+                "noipv6 vbr1",
+                "mtu vbr1 9000",
+                "enslave vtap1 vbr1",
+                "enslave net1 vbr1",
+                "up vtap1",
+                "up vbr1"
+            ]
+        );
+        // 01:80:c2:00:00:0e is bit 14; bits 0-2 (STP, pause, LACP) the kernel refuses.
+        assert_eq!(GROUP_FWD_MASK, 1 << 0x0e);
+        assert_eq!(GROUP_FWD_MASK & 0b111, 0);
+    }
+
+    #[test]
+    fn macvtap_plan_is_passthru_allmulti_and_opens_the_device() {
+        assert_eq!(
+            op_names(&plan(Plumbing::Macvtap, &eth("eth1", 2, 1500), 1)),
+            ["macvtap vmvt1 on eth1 mtu 1500", "noipv6 vmvt1", "allmulti vmvt1", "up vmvt1", "open vmvt1"]
+        );
+    }
+
+    #[test]
+    fn plans_never_touch_anything_but_the_link_and_their_own_devices() {
+        for mode in [Plumbing::Tc, Plumbing::Bridge, Plumbing::Macvtap] {
+            for op in plan(mode, &eth("eth9", 11, 1500), 9) {
+                let names = match &op {
+                    NetOp::CreateTap { name } | NetOp::OpenMacvtap { name } => vec![name.clone()],
+                    NetOp::CreateBridge { name, .. } => vec![name.clone()],
+                    NetOp::CreateMacvtap { name, link, .. } => vec![name.clone(), link.clone()],
+                    NetOp::NoIpv6 { dev }
+                    | NetOp::SetMtu { dev, .. }
+                    | NetOp::SetAllmulti { dev }
+                    | NetOp::SetUp { dev }
+                    | NetOp::AddIngress { dev } => vec![dev.clone()],
+                    NetOp::Enslave { dev, bridge } => vec![dev.clone(), bridge.clone()],
+                    NetOp::Redirect { from, to } => vec![from.clone(), to.clone()],
+                };
+                for name in names {
+                    assert!(name == "eth9" || crate::net::links::is_own(&name), "{mode:?} {op:?}");
+                    assert!(name.len() <= 15, "{name}");
+                }
+                // The link's own MTU, admin state and IPv6 are the orchestrator's.
+                if let NetOp::SetMtu { dev, .. } | NetOp::SetUp { dev } | NetOp::NoIpv6 { dev } = &op {
+                    assert_ne!(dev, "eth9", "{mode:?} {op:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_plan_makes_exactly_one_descriptor_for_qemu_and_creates_it_first() {
+        for mode in [Plumbing::Tc, Plumbing::Bridge, Plumbing::Macvtap] {
+            let ops = plan(mode, &eth("eth1", 2, 1500), 1);
+            let descriptors =
+                ops.iter().filter(|op| matches!(op, NetOp::CreateTap { .. } | NetOp::OpenMacvtap { .. })).count();
+            assert_eq!(descriptors, 1, "{mode:?}");
+            // Creation first: a failure later finds something to clean up, never the reverse.
+            assert!(matches!(ops[0], NetOp::CreateTap { .. } | NetOp::CreateMacvtap { .. }), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn device_names_fit_ifnamsiz() {
+        for name in [tap_name(u32::MAX), bridge_name(u32::MAX), macvtap_name(u32::MAX)] {
+            assert!(name.len() <= 15, "{name}");
+        }
+    }
+
+    #[test]
+    fn self_check_frame_is_experimental_and_padded() {
+        let frame = self_check_frame(3, 0xabc);
+        assert_eq!(frame.len(), 60);
+        assert_eq!(&frame[12..14], &[0x88, 0xb5]);
+        assert_eq!(frame[0] & 0x03, 0x02, "locally administered unicast");
+        assert!(String::from_utf8_lossy(&frame).contains("vial self-check nic 3 nonce 0000000000000abc"));
+    }
+}

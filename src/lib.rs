@@ -5,6 +5,8 @@
 
 /// The endpoint's configuration: the profile file, `VIAL_*` overrides, flags; validation.
 pub mod config;
+/// The endpoint's data links over its life: waiting, stitching, hot-plug and unplug.
+pub mod dataplane;
 /// Exit codes of `vial`, as a documented enum mapped by a pure function.
 pub mod exit;
 /// Management forwards: relays from the management address to QEMU's loopback `hostfwd`.

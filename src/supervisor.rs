@@ -18,8 +18,10 @@ use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, Probe};
+use crate::dataplane::{DataPlane, DataPlaneError};
 use crate::exit::Outcome;
 use crate::health;
+use crate::net::links::WaitError;
 use crate::qmp::{self, RunState, VmEvent};
 use crate::reaper::{self, Ended};
 use crate::state::{ForwardStatus, Phase, Status};
@@ -112,12 +114,14 @@ struct Endpoint {
     status: watch::Sender<Status>,
     /// Files in the run directory that vial created and removes on exit.
     created: Vec<PathBuf>,
+    /// The data links, once stitched.
+    dataplane: Option<DataPlane>,
 }
 
 impl Endpoint {
     fn new(config: Config) -> Self {
         let (status, _) = watch::channel(Status::new(&config.profile.name));
-        Endpoint { config, status, created: Vec::new() }
+        Endpoint { config, status, created: Vec::new(), dataplane: None }
     }
 
     fn set_phase(&self, phase: Phase, reason: Option<String>) {
@@ -148,7 +152,7 @@ impl Endpoint {
                 failure.outcome
             }
         };
-        self.teardown(outcome);
+        self.teardown(outcome).await;
         outcome
     }
 
@@ -217,17 +221,15 @@ impl Endpoint {
         });
 
         self.set_phase(Phase::WaitingForInterfaces, None);
-        // Data links are stitched by the data plane; this profile run expects none yet.
-        if profile.data_nics > 0 {
-            return Err(fail(
-                Outcome::Config,
-                format!(
-                    "network.data_nics: bad value \"{}\": data links are not supported by this build yet; set it to 0",
-                    profile.data_nics
-                ),
-            ));
-        }
+        let dataplane = DataPlane::start(&profile, &self.config.mgmt_iface).await.map_err(|err| match err {
+            DataPlaneError::Wait(WaitError::Timeout { .. }) => fail(Outcome::InterfacesTimeout, err),
+            other => fail(Outcome::SetupFailed, other),
+        })?;
         self.set_phase(Phase::Plumbing, None);
+        self.status.send_modify(|status| status.links = dataplane.statuses());
+        let data_nics = dataplane.data_nics();
+        let mut inherit = dataplane.fds();
+        self.dataplane = Some(dataplane);
 
         let disks = vm::disk::prepare_overlays(&profile.disks, &self.config.state_dir).map_err(|err| match err {
             vm::disk::OverlayError::QemuImgMissing => fail(Outcome::QemuMissing, err),
@@ -257,11 +259,12 @@ impl Endpoint {
             share,
             control_fd: control_listener.as_raw_fd(),
             name: self.config.name.clone(),
-            data_nics: Vec::new(),
+            data_nics,
             extra_args: self.config.qemu_args.clone(),
         };
         let argv = vm::qemu_argv(&profile, &launch);
-        let child = vm::launch::spawn_qemu(&argv, &[control_listener.as_raw_fd()]).map_err(|err| match err {
+        inherit.push(control_listener.as_raw_fd());
+        let child = vm::launch::spawn_qemu(&argv, &inherit).map_err(|err| match err {
             vm::launch::LaunchError::QemuMissing { .. } => fail(Outcome::QemuMissing, err),
             other => fail(
                 Outcome::SetupFailed,
@@ -285,10 +288,11 @@ impl Endpoint {
         let mut probe_task: Option<tokio::task::JoinHandle<()>> = None;
         let mut events: Option<qmp::Events> = None;
         let mut run_state = RunState::Running;
+        let mut dataplane = self.dataplane.take();
 
         // QMP negotiation runs beside the loop, so signals and QEMU's death are seen while
         // QEMU is still starting.
-        let mut negotiation = Box::pin(tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect(control)));
+        let mut negotiation = Box::pin(tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control)));
         let mut negotiating = true;
 
         loop {
@@ -331,6 +335,19 @@ impl Endpoint {
                         events = None;
                     }
                 },
+                event = next_link_event(&mut dataplane), if qmp_handle.is_some() => match (event, &qmp_handle, &mut dataplane) {
+                    (Ok(event), Some(handle), Some(plane)) => {
+                        plane.on_event(event, handle, &profile, &self.config.name).await;
+                        self.status.send_modify(|status| status.links = plane.statuses());
+                    }
+                    (Err(err), _, _) => {
+                        tracing::warn!(%err, "link events stopped; late links will not be plugged");
+                        if let Some(mut plane) = dataplane.take() {
+                            plane.teardown().await;
+                        }
+                    }
+                    _ => {}
+                },
                 Some(()) = ready_rx.recv() => {
                     if stop == Stop::NotRequested && self.status.borrow().phase == Phase::Booting {
                         self.set_phase(Phase::Ready, None);
@@ -345,6 +362,7 @@ impl Endpoint {
                         if let Some(task) = probe_task.take() {
                             task.abort();
                         }
+                        self.dataplane = dataplane;
                         return self.qemu_ended(ended, stop);
                     }
                 }
@@ -499,9 +517,13 @@ impl Endpoint {
 
     /// The one way out: kill QEMU if it still runs, remove what vial created, persist the
     /// final status for `vial health` to show after the supervisor is gone.
-    fn teardown(&self, outcome: Outcome) {
+    async fn teardown(&mut self, outcome: Outcome) {
         if let Some(pid) = self.status.borrow().qemu_pid {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Some(mut plane) = self.dataplane.take() {
+            plane.teardown().await;
+            self.status.send_modify(|status| status.links = plane.statuses());
         }
         for path in &self.created {
             let _ = std::fs::remove_file(path);
@@ -529,6 +551,13 @@ fn force_stop(signal: Signal, qemu_pid: u32) -> Stop {
 fn kill_qemu(qemu_pid: u32) -> Stop {
     let _ = killpg(Pid::from_raw(qemu_pid as i32), Signal::SIGKILL);
     Stop::Killed
+}
+
+async fn next_link_event(dataplane: &mut Option<DataPlane>) -> Result<crate::net::links::LinkEvent, WaitError> {
+    match dataplane {
+        Some(plane) => plane.next_event().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_event(events: &mut Option<qmp::Events>) -> Option<VmEvent> {

@@ -68,6 +68,9 @@ struct RunArgs {
     /// Data plane: tc, bridge or macvtap [env: VIAL_PLUMBING].
     #[arg(long)]
     plumbing: Option<String>,
+    /// How long to wait for the data links, e.g. 120s [env: VIAL_LINK_TIMEOUT].
+    #[arg(long)]
+    link_timeout: Option<String>,
     /// QEMU binary [env: VIAL_QEMU].
     #[arg(long)]
     qemu: Option<String>,
@@ -94,6 +97,7 @@ impl RunArgs {
             (Key::MgmtIface, self.mgmt_iface),
             (Key::DataIfaces, self.data_ifaces),
             (Key::Plumbing, self.plumbing),
+            (Key::LinkTimeout, self.link_timeout),
             (Key::Qemu, self.qemu),
             (Key::QemuArgs, self.qemu_args),
             (Key::Name, self.name),

@@ -75,6 +75,8 @@ pub enum Key {
     DataIfaces,
     /// Data plane mode.
     Plumbing,
+    /// How long to wait for the data links.
+    LinkTimeout,
     /// QEMU binary.
     Qemu,
     /// Extra QEMU arguments (whitespace-separated).
@@ -97,6 +99,7 @@ pub const KEYS: &[(Key, &str, &str)] = &[
     (Key::MgmtIface, "VIAL_MGMT_IFACE", "--mgmt-iface"),
     (Key::DataIfaces, "VIAL_DATA_IFACES", "--data-ifaces"),
     (Key::Plumbing, "VIAL_PLUMBING", "--plumbing"),
+    (Key::LinkTimeout, "VIAL_LINK_TIMEOUT", "--link-timeout"),
     (Key::Qemu, "VIAL_QEMU", "--qemu"),
     (Key::QemuArgs, "VIAL_QEMU_ARGS", "--qemu-args"),
     (Key::Name, "VIAL_NAME", "--name"),
@@ -246,6 +249,7 @@ impl Config {
                 Key::Qemu => file.machine.qemu = value,
                 Key::StopTimeout => file.stop.timeout = value,
                 Key::Plumbing => file.network.plumbing = value,
+                Key::LinkTimeout => file.network.link_timeout = value,
                 Key::LessonDir => file.share.path = PathBuf::from(value),
                 Key::Vcpus => match value.parse() {
                     Ok(n) => file.machine.vcpus = n,
@@ -274,6 +278,7 @@ impl Config {
         apply(Key::Vcpus, "machine.vcpus", &mut file, &mut problems);
         apply(Key::StopTimeout, "stop.timeout", &mut file, &mut problems);
         apply(Key::Plumbing, "network.plumbing", &mut file, &mut problems);
+        apply(Key::LinkTimeout, "network.link_timeout", &mut file, &mut problems);
         apply(Key::DataIfaces, "network.data_nics", &mut file, &mut problems);
         apply(Key::Egress, "network.egress", &mut file, &mut problems);
         apply(Key::LessonDir, "share.path", &mut file, &mut problems);

@@ -158,6 +158,9 @@ pub struct NetworkFile {
     /// Data plane: `tc`, `bridge` or `macvtap`.
     #[serde(default = "default_plumbing")]
     pub plumbing: String,
+    /// How long to wait for the expected data links before giving up.
+    #[serde(default = "default_link_timeout")]
+    pub link_timeout: String,
 }
 
 impl Default for NetworkFile {
@@ -169,6 +172,7 @@ impl Default for NetworkFile {
             egress: false,
             user_net: None,
             plumbing: default_plumbing(),
+            link_timeout: default_link_timeout(),
         }
     }
 }
@@ -287,6 +291,9 @@ fn default_nic_model() -> String {
 }
 fn default_plumbing() -> String {
     "tc".into()
+}
+fn default_link_timeout() -> String {
+    "120s".into()
 }
 fn default_protocol() -> String {
     "tcp".into()
@@ -485,6 +492,8 @@ pub struct Profile {
     pub user_net: Option<(Ipv4Addr, u8)>,
     /// Data plane mode.
     pub plumbing: Plumbing,
+    /// How long to wait for the expected data links.
+    pub link_timeout: Duration,
     /// Management forwards.
     pub forwards: Vec<Forward>,
     /// The lesson share, unless disabled.
@@ -600,8 +609,10 @@ impl ProfileFile {
         if network.data_nics > 64 {
             bad("network.data_nics", &network.data_nics, "give at most 64");
         }
-        if network.reserved_nics > 8 {
-            bad("network.reserved_nics", &network.reserved_nics, "give at most 8");
+        // The management NIC and the reserved ones take the PCI slots before the data NICs'
+        // fixed slots (see vm::argv::data_nic_slot).
+        if network.reserved_nics > 5 {
+            bad("network.reserved_nics", &network.reserved_nics, "give at most 5");
         }
         let plumbing = Plumbing::parse(&network.plumbing).unwrap_or_else(|| {
             bad("network.plumbing", &network.plumbing, "use tc, bridge or macvtap");
@@ -700,6 +711,10 @@ impl ProfileFile {
                 bad("readiness.interval", &readiness.interval, "give a duration from 10ms to 60s, e.g. 250ms");
                 Duration::ZERO
             });
+        let link_timeout = parse_duration(&network.link_timeout).filter(|d| !d.is_zero()).unwrap_or_else(|| {
+            bad("network.link_timeout", &network.link_timeout, "give a duration such as 120s or 10m");
+            Duration::ZERO
+        });
         let stop_timeout =
             parse_duration(&self.stop.timeout).filter(|d| *d <= Duration::from_secs(3600)).unwrap_or_else(|| {
                 bad(
@@ -749,6 +764,7 @@ impl ProfileFile {
             egress: network.egress,
             user_net,
             plumbing,
+            link_timeout,
             forwards,
             share,
             probe,

@@ -91,6 +91,29 @@ pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
+/// The PCI slot of data NIC `index` on `pc` machines: fixed, so that a NIC hot-plugged later
+/// lands where it would have been at boot and the guest enumerates data NICs in link order
+/// however they arrived. Slots 2..7 are left to the management, reserved and 9p devices,
+/// which QEMU places itself. `None` (QEMU chooses) past 24 data NICs and on other machines
+/// (`q35` hot-plug needs pcie-root-ports, not done yet).
+pub fn data_nic_slot(machine_type: &str, index: u32) -> Option<u32> {
+    let pc = machine_type == "pc" || machine_type.starts_with("pc-");
+    (pc && (1..=24).contains(&index)).then_some(0x07 + index)
+}
+
+/// The `-device` value of data NIC `index` (also what a hot-plug adds).
+pub fn data_nic_device(profile: &Profile, name: &str, index: u32, mtu: u32) -> String {
+    let mut device =
+        format!("{},netdev=data{index},id=nic{index},mac={}", profile.nic_model, format_mac(nic_mac(name, index)));
+    if profile.nic_model == "virtio-net-pci" && mtu != 1500 {
+        device.push_str(&format!(",host_mtu={mtu}"));
+    }
+    if let Some(slot) = data_nic_slot(&profile.machine_type, index) {
+        device.push_str(&format!(",bus=pci.0,addr={slot:#x}"));
+    }
+    device
+}
+
 /// The CPU model for the accelerator: `host` exists only under KVM, so TCG gets `max`.
 fn cpu_model(profile: &Profile, accel: Accel) -> &str {
     match (profile.cpu.as_str(), accel) {
@@ -168,16 +191,7 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
             NicBackend::TapFd { fd } => format!("tap,id={id},fd={fd}{vhost}"),
         };
         push(&["-netdev", &backend]);
-        let mut device = format!(
-            "{},netdev={id},id=nic{},mac={}",
-            profile.nic_model,
-            nic.index,
-            format_mac(nic_mac(&launch.name, nic.index))
-        );
-        if profile.nic_model == "virtio-net-pci" && nic.mtu != 1500 {
-            device.push_str(&format!(",host_mtu={}", nic.mtu));
-        }
-        push(&["-device", &device]);
+        push(&["-device", &data_nic_device(profile, &launch.name, nic.index, nic.mtu)]);
     }
 
     if let (Some(share), Some(dir)) = (&profile.share, &launch.share) {

@@ -63,8 +63,8 @@ fn cumulus_profile_argv_under_kvm_with_two_data_links() {
 -drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
 -netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
 -device virtio-net-pci,netdev=mgmt,mac={mac0} \
--netdev tap,id=data1,ifname=tap1,script=no,downscript=no -device virtio-net-pci,netdev=data1,id=nic1,mac={mac1},host_mtu=9000 \
--netdev tap,id=data2,ifname=tap2,script=no,downscript=no -device virtio-net-pci,netdev=data2,id=nic2,mac={mac2},host_mtu=9000 \
+-netdev tap,id=data1,ifname=tap1,script=no,downscript=no -device virtio-net-pci,netdev=data1,id=nic1,mac={mac1},host_mtu=9000,bus=pci.0,addr=0x8 \
+-netdev tap,id=data2,ifname=tap2,script=no,downscript=no -device virtio-net-pci,netdev=data2,id=nic2,mac={mac2},host_mtu=9000,bus=pci.0,addr=0x9 \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
 -device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
         mac0 = format_mac(nic_mac("r1", 0)),
@@ -83,7 +83,7 @@ fn vqfx_profile_argv_has_reserved_nics_and_e1000_without_host_mtu() {
 -drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
 -netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
 -device e1000,netdev=mgmt,mac={mac0} -device e1000,mac={r0} -device e1000,mac={r1} \
--netdev tap,id=data1,fd=7,vhost=on -device e1000,netdev=data1,id=nic1,mac={mac1} \
+-netdev tap,id=data1,fd=7,vhost=on -device e1000,netdev=data1,id=nic1,mac={mac1},bus=pci.0,addr=0x8 \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
 -device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
         mac0 = format_mac(nic_mac("r1", 0)),

@@ -1,0 +1,247 @@
+//! The endpoint's data links over its whole life: wait for the expected links, stitch each to
+//! a VM NIC before QEMU starts, then follow link events and hot-plug links that arrive late
+//! (or come back) into the running VM, and unplug links that vanish. This module decides
+//! which link gets which NIC; the kernel work is `net::plumb`'s and the QMP work `qmp`'s.
+//!
+//! A link's NIC index is its numeric suffix (`eth3` and `net3` are NIC 3), so a link keeps
+//! its NIC, MAC and PCI slot whatever order links arrive in; links without a number take the
+//! next free index.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::Duration;
+
+use rtnetlink::Handle;
+
+use crate::config::{Plumbing, Profile};
+use crate::net::links::{Link, LinkEvent, LinkWatcher, WaitError};
+use crate::net::plumb::{self, PlumbError, SelfCheck, Stitch};
+use crate::qmp::{HotplugNic, Qmp};
+use crate::state::LinkStatus;
+use crate::vm::argv::{data_nic_slot, format_mac, nic_mac, DataNic};
+
+/// How long an unplugged NIC's guest gets to release it.
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the data plane could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// The netlink connection could not be opened.
+    #[error("cannot open a netlink connection")]
+    Netlink(#[source] std::io::Error),
+    /// Waiting for the links failed (the timeout names what is missing).
+    #[error(transparent)]
+    Wait(#[from] WaitError),
+    /// A link could not be stitched.
+    #[error("cannot stitch {link} to NIC {nic}: {source}")]
+    Stitch {
+        /// The link.
+        link: String,
+        /// Its NIC.
+        nic: u32,
+        /// Why.
+        source: PlumbError,
+    },
+    /// A stitched link does not carry frames.
+    #[error("self-check of {link} failed: {source}; health stays red rather than report a dead link as ready")]
+    SelfCheck {
+        /// The link.
+        link: String,
+        /// Why.
+        source: PlumbError,
+    },
+}
+
+/// One data link and its state.
+struct Slot {
+    nic: u32,
+    name: String,
+    stitch: Option<Stitch>,
+    state: &'static str,
+}
+
+/// The data links of one endpoint.
+pub struct DataPlane {
+    handle: Handle,
+    watcher: LinkWatcher,
+    mode: Plumbing,
+    slots: Vec<Slot>,
+}
+
+/// The NIC index of `link`: its numeric suffix, else the next index not in `taken`.
+pub fn nic_index(name: &str, taken: &[u32]) -> u32 {
+    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    match name[name.len() - digits..].parse::<u32>() {
+        Ok(n) if n > 0 && !taken.contains(&n) => n,
+        _ => (1..).find(|n| !taken.contains(n)).unwrap_or(1),
+    }
+}
+
+impl DataPlane {
+    /// Waits for the profile's data links (all links present when it expects none), stitches
+    /// each and proves each carries frames. A failure removes what was stitched.
+    pub async fn start(profile: &Profile, mgmt: &str) -> Result<DataPlane, DataPlaneError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(DataPlaneError::Netlink)?;
+        tokio::spawn(connection);
+        let mut watcher = LinkWatcher::start(&handle, mgmt).await?;
+        let links = watcher.wait_for(profile.data_nics as usize, profile.link_timeout).await?;
+        tracing::info!(links = ?links.iter().map(|l| &l.name).collect::<Vec<_>>(), "data links present");
+        let mut plane = DataPlane { handle, watcher, mode: profile.plumbing, slots: Vec::new() };
+        for link in links {
+            if let Err(err) = plane.stitch(&link).await {
+                plane.teardown().await;
+                return Err(err);
+            }
+        }
+        Ok(plane)
+    }
+
+    async fn stitch(&mut self, link: &Link) -> Result<&Slot, DataPlaneError> {
+        let nic = match self.slots.iter().find(|s| s.name == link.name) {
+            Some(slot) => slot.nic,
+            None => nic_index(&link.name, &self.slots.iter().map(|s| s.nic).collect::<Vec<_>>()),
+        };
+        let stitch = plumb::stitch(&self.handle, self.mode, link, nic)
+            .await
+            .map_err(|source| DataPlaneError::Stitch { link: link.name.clone(), nic, source })?;
+        let state = match plumb::self_check(&stitch).await {
+            Ok(SelfCheck::Passed) => "up",
+            Ok(SelfCheck::NoCarrier) => "no-carrier",
+            Err(source) => {
+                let _ = plumb::unstitch(&self.handle, &stitch).await;
+                return Err(DataPlaneError::SelfCheck { link: link.name.clone(), source });
+            }
+        };
+        tracing::info!(link = %link.name, nic, mode = self.mode.as_str(), state, "link stitched");
+        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state };
+        match self.slots.iter().position(|s| s.name == link.name) {
+            Some(i) => self.slots[i] = slot,
+            None => {
+                self.slots.push(slot);
+                self.slots.sort_by_key(|s| s.nic);
+            }
+        }
+        Ok(self.slots.iter().find(|s| s.name == link.name).expect("just stitched"))
+    }
+
+    /// The VM NICs for QEMU's command line.
+    pub fn data_nics(&self) -> Vec<DataNic> {
+        self.slots.iter().filter_map(|s| s.stitch.as_ref()).map(Stitch::data_nic).collect()
+    }
+
+    /// The descriptors QEMU must inherit.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let stitches = self.slots.iter().filter_map(|s| s.stitch.as_ref());
+        stitches
+            .flat_map(|s| std::iter::once(s.fd.as_raw_fd()).chain(s.vhost.as_ref().map(|v| v.as_raw_fd())))
+            .collect()
+    }
+
+    /// What health reports for each link.
+    pub fn statuses(&self) -> Vec<LinkStatus> {
+        self.slots
+            .iter()
+            .map(|s| LinkStatus {
+                interface: s.name.clone(),
+                nic: s.nic,
+                mode: self.mode.as_str().into(),
+                state: s.state.into(),
+            })
+            .collect()
+    }
+
+    /// The next change in the container's links.
+    pub async fn next_event(&mut self) -> Result<LinkEvent, WaitError> {
+        self.watcher.next_event().await
+    }
+
+    /// Carries out a link change on the running VM: a new (or returning) link is stitched
+    /// and hot-plugged into the slot it would have had at boot; a vanished one is unplugged.
+    /// Errors are logged: the VM keeps running with the links it has.
+    pub async fn on_event(&mut self, event: LinkEvent, qmp: &Qmp, profile: &Profile, name: &str) {
+        match event {
+            LinkEvent::Added(link) => {
+                if self.slots.iter().any(|s| s.name == link.name && s.stitch.is_some()) {
+                    return;
+                }
+                let slot = match self.stitch(&link).await {
+                    Ok(slot) => slot,
+                    Err(err) => {
+                        tracing::error!(link = %link.name, %err, "cannot stitch a late link");
+                        return;
+                    }
+                };
+                let nic = slot.nic;
+                let stitch = slot.stitch.as_ref().expect("stitched");
+                let hotplug =
+                    match (stitch.fd.as_fd().try_clone_to_owned(), stitch.vhost.as_ref().map(|v| v.try_clone())) {
+                        (Ok(fd), vhost) => HotplugNic {
+                            id: format!("data{nic}"),
+                            device_id: format!("nic{nic}"),
+                            driver: profile.nic_model.clone(),
+                            mac: format_mac(nic_mac(name, nic)),
+                            host_mtu: (profile.nic_model == "virtio-net-pci" && link.mtu != 1500).then_some(link.mtu),
+                            fd,
+                            vhost_fd: vhost.and_then(Result::ok),
+                            bus: data_nic_slot(&profile.machine_type, nic).map(|_| "pci.0".to_string()),
+                            pci_addr: data_nic_slot(&profile.machine_type, nic).map(|slot| format!("{slot:#x}")),
+                        },
+                        (Err(err), _) => {
+                            tracing::error!(link = %link.name, %err, "cannot duplicate the tap descriptor");
+                            return;
+                        }
+                    };
+                match qmp.hotplug_nic(&hotplug).await {
+                    Ok(()) => tracing::info!(link = %link.name, nic, "link hot-plugged into the VM"),
+                    Err(err) => {
+                        tracing::error!(link = %link.name, nic, %err, "hot-plug failed");
+                        self.drop_stitch(&link.name, "failed").await;
+                    }
+                }
+            }
+            LinkEvent::Removed(gone) => {
+                let Some(slot) = self.slots.iter().find(|s| s.name == gone && s.stitch.is_some()) else { return };
+                let nic = slot.nic;
+                if let Err(err) = qmp.unplug_nic(&format!("nic{nic}"), &format!("data{nic}"), UNPLUG_TIMEOUT).await {
+                    tracing::warn!(link = %gone, nic, %err, "unplug did not complete");
+                }
+                self.drop_stitch(&gone, "missing").await;
+                tracing::info!(link = %gone, nic, "link gone; NIC unplugged (it is plugged again if the link returns)");
+            }
+        }
+    }
+
+    async fn drop_stitch(&mut self, name: &str, state: &'static str) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.name == name) {
+            if let Some(stitch) = slot.stitch.take() {
+                if let Err(err) = plumb::unstitch(&self.handle, &stitch).await {
+                    tracing::warn!(link = %name, %err, "unstitch failed");
+                }
+            }
+            slot.state = state;
+        }
+    }
+
+    /// Removes everything stitched (ingress qdiscs, bridges, macvtaps); TAPs go with the
+    /// last descriptor.
+    pub async fn teardown(&mut self) {
+        let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            self.drop_stitch(&name, "missing").await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nic_index_is_the_numeric_suffix_else_the_next_free() {
+        assert_eq!(nic_index("eth3", &[]), 3);
+        assert_eq!(nic_index("net1", &[]), 1);
+        assert_eq!(nic_index("eth10", &[1, 2]), 10);
+        assert_eq!(nic_index("wan", &[1, 2]), 3);
+        assert_eq!(nic_index("eth0", &[]), 1);
+        assert_eq!(nic_index("eth2", &[2]), 1, "a taken suffix falls back to the next free index");
+    }
+}

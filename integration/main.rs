@@ -6,4 +6,6 @@
 mod support;
 
 mod config_errors;
+mod dataplane;
+mod images;
 mod pid1;

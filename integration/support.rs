@@ -276,3 +276,53 @@ pub fn http_get(addr: Ipv4Addr, port: u16, path: &str) -> Option<String> {
         .then(|| body.to_string())
         .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
 }
+
+/// A bare network namespace the test owns (a lesson peer that is not a VM).
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("vialp{}{tag}{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::SeqCst));
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    /// Runs a command in the namespace; its exit status.
+    pub fn exec(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A veth pair with one end, `name_a`, in namespace `ns_a` and the other, `name_b`, in
+/// `ns_b`, both up with `mtu`: a lesson's connection, as a host companion wires it.
+pub fn veth_between(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, mtu: u32) {
+    let mtu = mtu.to_string();
+    ip(&[
+        "link", "add", name_a, "netns", ns_a, "mtu", &mtu, "type", "veth", "peer", "name", name_b, "netns", ns_b,
+        "mtu", &mtu,
+    ]);
+    ip(&["-n", ns_a, "link", "set", name_a, "up"]);
+    ip(&["-n", ns_b, "link", "set", name_b, "up"]);
+}
+
+impl Sandbox {
+    /// What the guest printed on its serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default()
+    }
+}

@@ -87,6 +87,19 @@ fn a_link_added_after_ready_is_hot_plugged_and_carries_traffic() {
     assert_eq!(status["links"][0]["interface"], "eth1", "{status}");
     assert_eq!(status["state"], "ready", "{status}");
     assert!(sandbox.console().contains("hot-plugged eth1"), "{}", sandbox.console());
+
+    // The cable is pulled: the NIC is unplugged and health says the link is missing...
+    ip(&["-n", &peer.0, "link", "del", "eth1"]);
+    wait_until(Duration::from_secs(60), "the link reported missing", || {
+        sandbox.status().filter(|s| s["links"][0]["state"] == "missing").map(|_| ())
+    });
+    // ...and plugged back into the same slot when the cable returns.
+    veth_between(&sandbox.netns, "eth1", &peer.0, "eth1", 1500);
+    ip(&["-n", &peer.0, "addr", "add", &format!("{outside}/24"), "dev", "eth1"]);
+    wait_until(BOOT_TIMEOUT, "the lesson file over the re-plugged link", || {
+        peer.exec(&["curl", "-sf", "-m", "2", "-o", "/dev/null", &url]).then_some(())
+    });
+    assert_eq!(sandbox.status().unwrap()["links"][0]["nic"], 1);
     signal(vial, Signal::SIGTERM);
     assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
 }

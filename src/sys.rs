@@ -209,7 +209,8 @@ pub fn packet_recv(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<PacketM
     message.msg_iov = &mut iov;
     message.msg_iovlen = 1;
     message.msg_control = control.as_mut_ptr().cast();
-    message.msg_controllen = std::mem::size_of_val(&control);
+    // socklen_t on musl, size_t on glibc: the cast fits either (the buffer is small).
+    message.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: every pointer in `message` (name, one iovec over `buf`, control) points to memory
     // that is valid and writable for the given lengths for the whole call. MSG_TRUNC makes the
     // return value the frame's real length (packet(7)).

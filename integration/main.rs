@@ -7,5 +7,4 @@ mod support;
 
 mod config_errors;
 mod dataplane;
-mod images;
 mod pid1;

@@ -67,6 +67,14 @@ pub struct DataPlane {
     slots: Vec<Slot>,
 }
 
+/// The health state of a checked link.
+fn check_state(check: SelfCheck) -> &'static str {
+    match check {
+        SelfCheck::Passed => "up",
+        SelfCheck::NoCarrier => "no-carrier",
+    }
+}
+
 /// The NIC index of `link`: its numeric suffix, else the next index not in `taken`.
 pub fn nic_index(name: &str, taken: &[u32]) -> u32 {
     let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
@@ -92,6 +100,21 @@ impl DataPlane {
                 return Err(err);
             }
         }
+        // The self-checks run side by side: each waits ~15 ms on the kernel (closing a packet
+        // socket waits for an RCU grace period), which adds up over 32 links.
+        let checks = plane.slots.iter().filter_map(|s| s.stitch.as_ref()).map(plumb::self_check);
+        let results = futures::future::join_all(checks).await;
+        let mut failure = None;
+        for (slot, result) in plane.slots.iter_mut().zip(results) {
+            match result {
+                Ok(check) => slot.state = check_state(check),
+                Err(source) => failure = Some(DataPlaneError::SelfCheck { link: slot.name.clone(), source }),
+            }
+        }
+        if let Some(err) = failure {
+            plane.teardown().await;
+            return Err(err);
+        }
         Ok(plane)
     }
 
@@ -103,16 +126,8 @@ impl DataPlane {
         let stitch = plumb::stitch(&self.handle, self.mode, link, nic)
             .await
             .map_err(|source| DataPlaneError::Stitch { link: link.name.clone(), nic, source })?;
-        let state = match plumb::self_check(&stitch).await {
-            Ok(SelfCheck::Passed) => "up",
-            Ok(SelfCheck::NoCarrier) => "no-carrier",
-            Err(source) => {
-                let _ = plumb::unstitch(&self.handle, &stitch).await;
-                return Err(DataPlaneError::SelfCheck { link: link.name.clone(), source });
-            }
-        };
-        tracing::info!(link = %link.name, nic, mode = self.mode.as_str(), state, "link stitched");
-        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state };
+        tracing::info!(link = %link.name, nic, mode = self.mode.as_str(), "link stitched");
+        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state: "unchecked" };
         match self.slots.iter().position(|s| s.name == link.name) {
             Some(i) => self.slots[i] = slot,
             None => {
@@ -163,14 +178,23 @@ impl DataPlane {
                 if self.slots.iter().any(|s| s.name == link.name && s.stitch.is_some()) {
                     return;
                 }
-                let slot = match self.stitch(&link).await {
-                    Ok(slot) => slot,
+                let nic = match self.stitch(&link).await {
+                    Ok(slot) => slot.nic,
                     Err(err) => {
                         tracing::error!(link = %link.name, %err, "cannot stitch a late link");
                         return;
                     }
                 };
-                let nic = slot.nic;
+                let slot = self.slots.iter_mut().find(|s| s.name == link.name).expect("just stitched");
+                match plumb::self_check(slot.stitch.as_ref().expect("stitched")).await {
+                    Ok(check) => slot.state = check_state(check),
+                    Err(err) => {
+                        tracing::error!(link = %link.name, %err, "self-check of a late link failed; not plugging it");
+                        self.drop_stitch(&link.name, "failed").await;
+                        return;
+                    }
+                }
+                let slot = self.slots.iter().find(|s| s.name == link.name).expect("just stitched");
                 let stitch = slot.stitch.as_ref().expect("stitched");
                 let hotplug =
                     match (stitch.fd.as_fd().try_clone_to_owned(), stitch.vhost.as_ref().map(|v| v.try_clone())) {

@@ -2175,7 +2175,7 @@ mod tests {
 
         async fn start_qemu(tag: &str, args: &[&str]) -> (Qemu, Qmp, Events) {
             let qemu = spawn_qemu(tag, args).await;
-            let stream = tokio::net::UnixStream::connect(&qemu.socket).await.unwrap();
+            let stream = connect_when_listening(&qemu.socket).await;
             let (qmp, events) =
                 tokio::time::timeout(PATIENCE, connect(stream)).await.expect("qmp negotiation timed out").unwrap();
             (qemu, qmp, events)
@@ -2184,13 +2184,28 @@ mod tests {
         /// `start_qemu`, connected with `connect_unix` so that descriptors can be passed.
         async fn start_qemu_unix(tag: &str, args: &[&str]) -> (Qemu, Qmp, Events) {
             let qemu = spawn_qemu(tag, args).await;
-            let stream = tokio::net::UnixStream::connect(&qemu.socket).await.unwrap();
+            let stream = connect_when_listening(&qemu.socket).await;
             let (qmp, events) =
                 tokio::time::timeout(PATIENCE, connect_unix(stream)).await.expect("qmp negotiation timed out").unwrap();
             (qemu, qmp, events)
         }
 
         /// Starts QEMU with a QMP socket and waits until the socket exists.
+        /// QEMU binds its socket before it listens on it: the file can exist while a connect
+        /// is still refused, so refusals are retried until PATIENCE runs out.
+        async fn connect_when_listening(path: &Path) -> tokio::net::UnixStream {
+            let start = std::time::Instant::now();
+            loop {
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(stream) => return stream,
+                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused && start.elapsed() < PATIENCE => {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(err) => panic!("cannot connect to {}: {err}", path.display()),
+                }
+            }
+        }
+
         async fn spawn_qemu(tag: &str, args: &[&str]) -> Qemu {
             let socket = std::env::temp_dir().join(format!("vial-qmp-{}-{tag}.sock", std::process::id()));
             let _ = std::fs::remove_file(&socket);

@@ -102,12 +102,25 @@ fn order_key(name: &str) -> (u64, &str) {
     (numbered(name).map_or(u64::MAX, |(_, number)| number), name)
 }
 
-/// The data links among `all`: every interface except `lo`, the management interface and
-/// `vial`'s own devices, in guest order (by numeric suffix, ties by name: `eth1`..`ethN` as
-/// Docker and containerlab name them, `net1`..`netN` as Multus does). Pure.
+/// Whether `name` is named like a data link: `eth1`..`ethN` as Docker and containerlab name
+/// them, `net1`..`netN` as Multus does. Anything else (`eth0`, bridges, a host's own
+/// interfaces if `vial` is ever started outside a container) is never touched: stitching
+/// redirects every frame of the interface into the VM.
+pub fn is_data_link_name(name: &str) -> bool {
+    match numbered(name) {
+        Some(("eth" | "net", number)) => number >= 1 && !name[3..].starts_with('0'),
+        _ => false,
+    }
+}
+
+/// The data links among `all`: every `ethN`/`netN` (N ≥ 1) except the management interface,
+/// in guest order (by numeric suffix, ties by name). Pure.
 pub fn data_links(all: &[Link], mgmt: &str) -> Vec<Link> {
-    let mut links: Vec<Link> =
-        all.iter().filter(|link| link.name != "lo" && link.name != mgmt && !is_own(&link.name)).cloned().collect();
+    let mut links: Vec<Link> = all
+        .iter()
+        .filter(|link| link.name != mgmt && !is_own(&link.name) && is_data_link_name(&link.name))
+        .cloned()
+        .collect();
     links.sort_by(|a, b| order_key(&a.name).cmp(&order_key(&b.name)));
     links
 }
@@ -371,11 +384,22 @@ mod tests {
             .enumerate()
             .map(|(i, n)| link(n, i as u32))
             .collect();
-        // eth1 and net1 tie on their number and are ordered by name; names without a number last.
-        assert_eq!(names(&data_links(&all, "eth0")), ["eth1", "net1", "net2", "net10", "foo"]);
-        // A different management interface is excluded instead.
+        // eth1 and net1 tie on their number and are ordered by name; other names never count.
+        assert_eq!(names(&data_links(&all, "eth0")), ["eth1", "net1", "net2", "net10"]);
+        // eth0 is never a data link, whatever the management interface is.
         let all = vec![link("net0", 1), link("eth0", 2), link("net1", 3)];
-        assert_eq!(names(&data_links(&all, "net0")), ["eth0", "net1"]);
+        assert_eq!(names(&data_links(&all, "lo")), ["net1"]);
+    }
+
+    #[test]
+    fn a_hosts_own_interfaces_are_never_data_links() {
+        // What `vial` would see if started in a host's namespace by mistake.
+        let all: Vec<Link> = ["lo", "eth0", "ens3", "br-9a60c0950193", "docker0", "vh24225x0", "eth01", "wlan0"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| link(n, i as u32))
+            .collect();
+        assert!(data_links(&all, "lo").is_empty());
     }
 
     #[test]

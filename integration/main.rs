@@ -7,4 +7,5 @@ mod support;
 
 mod config_errors;
 mod dataplane;
+mod images;
 mod pid1;

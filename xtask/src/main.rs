@@ -5,9 +5,12 @@
 //! lives in its own module and exposes a `run()` so commands can build on each other.
 
 mod bench;
+mod bench_net;
 mod demo;
 mod dist;
+mod docker;
 mod guest;
+mod image;
 mod setup;
 mod test;
 
@@ -31,6 +34,8 @@ Commands:
   bench   what vial costs against QEMU launched directly, as ratios in one run
   demo    set up, build, and run one endpoint (vial + the linux guest) in a sandbox;
           Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
+  image   build the endpoint image of a profile (linux, frr, cumulus, vqfx) offline,
+          first boot included: `cargo xtask image <profile> [--tag T] [--push]`; --help
   setup   install the Debian packages building and testing need (as root)
   test    setup, dist, guest, then every test of the workspace (what CI runs);
           arguments after `--` go to `cargo test`
@@ -67,6 +72,7 @@ fn try_main() -> Result<()> {
         }
         ["bench"] => bench::run()?,
         ["demo", rest @ ..] => demo::run(rest)?,
+        ["image", rest @ ..] => image::run(rest)?,
         ["setup"] => setup::run()?,
         ["test", rest @ ..] => test::run(rest.strip_prefix(&["--"]).unwrap_or(rest))?,
         [] | ["help" | "-h" | "--help"] => print!("{HELP}"),

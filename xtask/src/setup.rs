@@ -17,6 +17,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("util-linux", "/usr/bin/unshare"),
     ("curl", "/usr/bin/curl"),
+    // The data-plane part of `cargo xtask bench`.
+    ("iperf3", "/usr/bin/iperf3"),
+    ("ethtool", "/usr/sbin/ethtool"),
+    // Endpoint images (cargo xtask image) and their tests.
+    ("docker.io", "/usr/sbin/dockerd"),
+    ("debootstrap", "/usr/sbin/debootstrap"),
+    ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
+    ("openssh-client", "/usr/bin/ssh"),
+    ("sshpass", "/usr/bin/sshpass"),
 ];
 
 fn installed(package: &str, proof: &str) -> bool {

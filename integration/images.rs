@@ -1,0 +1,362 @@
+//! Endpoint images on a real Docker engine: `cargo xtask image <profile>` builds the image
+//! (cached after the first time), a container from it becomes healthy, does its job, and
+//! `docker stop` powers the guest off cleanly within Docker's default 10 s grace.
+//!
+//! The tests run the real command as a subprocess instead of calling build code: that is
+//! what a user and the nightly job run, and it is also what starts dockerd when none answers
+//! (xtask/src/docker.rs: `--bridge=none`, address pool in 198.18.0.0/16, no iptables), so the
+//! engine logic lives in one place. Containers join a network of their own in 198.18.X.0/24;
+//! the tests reach them only there. Every container and network is removed on every path.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::support::{http_get, repo, wait_until, TempDir, BOOT_TIMEOUT};
+
+/// A `frr` guest is a full Debian boot: give it longer than the busybox guest under TCG.
+const FRR_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `cargo xtask image <args>`, from the repository, with its output.
+fn xtask_image(args: &[&str], env_remove: &[&str]) -> Output {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["run", "--quiet", "--package", "xtask", "--", "image"]).args(args).current_dir(repo());
+    for var in env_remove {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null()).output().expect("running cargo xtask image")
+}
+
+/// Builds (or finds up to date) the image of `profile`; panics with the build's output.
+fn build_image(profile: &str) -> String {
+    let output = xtask_image(&[profile], &[]);
+    assert!(
+        output.status.success(),
+        "cargo xtask image {profile} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // What the build did and how long it took, for the test's output.
+    for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with("image:")) {
+        println!("{line}");
+    }
+    format!("vial/{profile}:latest")
+}
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).stdin(Stdio::null()).output().expect("running docker")
+}
+
+/// `docker args...`, which must succeed; its stdout, trimmed.
+fn docker_ok(args: &[&str]) -> String {
+    let output = docker(args);
+    assert!(output.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn unique_name(kind: &str) -> (String, u32) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let k = NEXT.fetch_add(1, Ordering::SeqCst);
+    (format!("vialimg-{kind}-{}-{k}", std::process::id()), k)
+}
+
+/// A user-defined Docker network in 198.18.X.0/24, removed on drop.
+struct Network {
+    name: String,
+}
+
+impl Network {
+    /// A network with a gateway on the host, which the tests reach the containers through.
+    fn new() -> Network {
+        Network::create(&[])
+    }
+
+    /// A data link between endpoints: no gateway, nothing but the containers on it.
+    fn link() -> Network {
+        Network::create(&["--internal"])
+    }
+
+    fn create(options: &[&str]) -> Network {
+        let (name, k) = unique_name("net");
+        // 198.18.0.0/24 is `cargo xtask demo`'s; spread the rest by pid, and step over
+        // subnets that another network already holds.
+        let first = (std::process::id() * 7 + k * 13) % 200;
+        for attempt in 0..20 {
+            let octet = 40 + (first + attempt * 11) % 200;
+            let subnet = format!("198.18.{octet}.0/24");
+            let mut args = vec!["network", "create", "--subnet", &subnet];
+            args.extend_from_slice(options);
+            args.push(&name);
+            let output = docker(&args);
+            if output.status.success() {
+                return Network { name };
+            }
+            let err = String::from_utf8_lossy(&output.stderr);
+            assert!(err.contains("overlap"), "docker network create {subnet} failed: {err}");
+        }
+        panic!("no free 198.18.X.0/24 subnet for a test network");
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// A detached container, force-removed on drop.
+struct Container {
+    name: String,
+    /// The network the test reaches it through (its eth0).
+    network: String,
+}
+
+impl Container {
+    /// `docker run -d` of an endpoint image on `network` with the lesson directory mounted.
+    fn run(image: &str, network: &Network, lesson: &Path, extra: &[&str]) -> Container {
+        let (name, _) = unique_name("ep");
+        let lesson_mount = format!("{}:/antidote:ro", lesson.display());
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--device",
+            "/dev/net/tun",
+            "--cap-add",
+            "NET_ADMIN",
+            "-e",
+            "VIAL_ACCEL=tcg",
+            "-v",
+            &lesson_mount,
+            "--network",
+            &network.name,
+        ];
+        args.extend_from_slice(extra);
+        args.push(image);
+        // The guard exists before `docker run`, so a container that was created but failed
+        // to start is removed too.
+        let container = Container { name: name.clone(), network: network.name.clone() };
+        docker_ok(&args);
+        container
+    }
+
+    fn inspect(&self, format: &str) -> String {
+        docker_ok(&["inspect", "--format", format, &self.name])
+    }
+
+    /// Its address on the network the test reaches it through.
+    fn address(&self) -> std::net::Ipv4Addr {
+        let format = format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", self.network);
+        self.inspect(&format).parse().expect("an IPv4 address")
+    }
+
+    /// Plugs a data link in, as an orchestrator does after the start (it becomes eth1, ...).
+    fn connect(&self, link: &Network) {
+        docker_ok(&["network", "connect", &link.name, &self.name]);
+    }
+
+    fn logs(&self) -> String {
+        let output = docker(&["logs", &self.name]);
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    }
+
+    /// Waits for Docker's health check to say `healthy`; returns how long that took.
+    fn wait_healthy(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let health = self.inspect("{{.State.Health.Status}} {{.State.Status}}");
+            if health.starts_with("healthy") {
+                return started.elapsed();
+            }
+            if health.ends_with("exited") || started.elapsed() > timeout {
+                panic!("container not healthy after {:?} ({health}):\n{}", started.elapsed(), self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `docker stop` with Docker's default grace; the guest must have powered off by itself:
+    /// exit code 0 (a SIGKILL after the grace would be 137) and vial saying so.
+    fn stop_cleanly(&self) {
+        let started = Instant::now();
+        docker_ok(&["stop", &self.name]);
+        let elapsed = started.elapsed();
+        let code = self.inspect("{{.State.ExitCode}}");
+        let logs = self.logs();
+        assert_eq!(code, "0", "exit code {code} after docker stop ({elapsed:?}):\n{logs}");
+        assert!(logs.contains("guest powered off"), "vial did not report a power-off:\n{logs}");
+        println!("docker stop took {elapsed:?}");
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "--force", &self.name]);
+    }
+}
+
+/// `ssh antidote@addr command` with the image's password; (success, stdout + stderr). A
+/// failure of ssh itself (exit 255: no banner in time on a loaded TCG guest, say) is retried
+/// for up to a minute; the command's own failure is returned.
+fn ssh(addr: std::net::Ipv4Addr, command: &str) -> (bool, String) {
+    let started = Instant::now();
+    loop {
+        let output = Command::new("sshpass")
+            .args(["-p", "antidotepassword", "ssh"])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .args(["-o", "ConnectTimeout=20", "-o", "PreferredAuthentications=password,keyboard-interactive"])
+            .arg(format!("antidote@{addr}"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running sshpass (apt-get install sshpass openssh-client)");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        if output.status.code() != Some(255) || started.elapsed() > Duration::from_secs(60) {
+            return (output.status.success(), text);
+        }
+        println!("ssh to {addr} failed, retrying: {}", text.trim());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Tests that boot `frr` guests take turns: each guest wants two TCG vCPUs, and three at
+/// once on a small machine make everything crawl.
+fn frr_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[test]
+fn linux_image_becomes_healthy_serves_the_lesson_and_stops_cleanly() {
+    let image = build_image("linux");
+    let lesson = TempDir::new("image-linux");
+    let text = "Hello from the lesson directory, through an endpoint image.\n";
+    std::fs::write(lesson.path().join("hello.txt"), text).unwrap();
+    let network = Network::new();
+    let container = Container::run(&image, &network, lesson.path(), &[]);
+    let took = container.wait_healthy(BOOT_TIMEOUT);
+    println!("linux: container start to healthy in {took:?}");
+    let addr = container.address();
+    let body = wait_until(Duration::from_secs(10), "the lesson file over HTTP", || http_get(addr, 80, "/hello.txt"));
+    assert_eq!(body, text);
+    container.stop_cleanly();
+}
+
+#[test]
+fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
+    let image = build_image("frr");
+    let _turn = frr_turn();
+    // The endpoint's own folder in the lesson directory, as vial-lesson-config looks for it.
+    let lesson = TempDir::new("image-frr");
+    let configs = lesson.path().join("frr1");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("frr.conf"),
+        "frr defaults traditional\nhostname frr1\n!\nrouter ospf\n ospf router-id 192.0.2.11\n!\n",
+    )
+    .unwrap();
+    let network = Network::new();
+    // vial does not tell the guest its name yet; hand it over fw_cfg, where the image's
+    // vial-lesson-config looks first.
+    let container = Container::run(
+        &image,
+        &network,
+        lesson.path(),
+        &["-e", "VIAL_QEMU_ARGS=-fw_cfg name=opt/vial/name,string=frr1"],
+    );
+    let took = container.wait_healthy(FRR_BOOT_TIMEOUT);
+    println!("frr: container start to healthy in {took:?}");
+    let addr = container.address();
+
+    let (ok, version) = ssh(addr, "sudo vtysh -c 'show version'");
+    assert!(ok && version.contains("FRRouting"), "sudo vtysh -c 'show version' over SSH:\n{version}");
+
+    let (ok, eth0) = ssh(addr, "ip -4 addr show dev eth0; cat /var/lib/dhcp/dhclient.eth0.leases");
+    assert!(ok, "{eth0}");
+    assert!(
+        eth0.contains("inet 10.0.2.15/24") && eth0.contains("dynamic") && eth0.contains("lease {"),
+        "eth0 did not take its address by DHCP:\n{eth0}"
+    );
+
+    // The lesson's frr.conf reached FRR through the 9p share, before FRR started.
+    let (ok, config) = ssh(addr, "hostname; sudo vtysh -c 'show running-config'");
+    assert!(ok && config.contains("ospf router-id 192.0.2.11"), "the lesson's frr.conf is not running:\n{config}");
+    assert!(config.starts_with("frr1\n"), "the guest did not take its name from fw_cfg:\n{config}");
+
+    container.stop_cleanly();
+}
+
+#[test]
+fn cumulus_image_without_a_source_fails_fast_naming_the_file_and_where_to_get_it() {
+    let output = xtask_image(&["cumulus"], &["VIAL_CUMULUS_SOURCE"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "it built without a source?\n{stdout}\n{stderr}");
+    assert!(stderr.contains("cumulus-linux-") && stderr.contains("-vx-amd64-qemu.qcow2"), "{stderr}");
+    assert!(stderr.contains("https://www.nvidia.com/"), "{stderr}");
+    assert!(stderr.contains("--source FILE or VIAL_CUMULUS_SOURCE=FILE"), "{stderr}");
+    // Fast: it stopped before any build step (packages, the static binary, Docker).
+    assert!(stdout.trim().is_empty(), "it started building before checking the source:\n{stdout}");
+}
+
+/// The lesson files of two routers cabled eth1 to eth1: a /30 and OSPF area 0 on it,
+/// point-to-point with short timers so the adjacency forms quickly.
+fn ospf_lesson(lesson: &Path) {
+    for n in [1, 2] {
+        let dir = lesson.join(format!("r{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "frr defaults traditional\nhostname r{n}\n!\ninterface eth1\n ip address 10.12.0.{n}/30\n \
+             ip ospf network point-to-point\n ip ospf hello-interval 1\n ip ospf dead-interval 4\n!\n\
+             router ospf\n ospf router-id 192.0.2.{n}\n network 10.12.0.0/30 area 0\n!\n"
+        );
+        std::fs::write(dir.join("frr.conf"), config).unwrap();
+    }
+}
+
+#[test]
+fn two_frr_endpoints_cabled_through_eth1_form_an_ospf_adjacency_from_lesson_files() {
+    let image = build_image("frr");
+    let _turn = frr_turn();
+    let lesson = TempDir::new("image-ospf");
+    ospf_lesson(lesson.path());
+    let management = Network::new();
+    let cable = Network::link();
+    let routers: Vec<Container> = ["r1", "r2"]
+        .iter()
+        .map(|name| {
+            let qemu_args = format!("VIAL_QEMU_ARGS=-fw_cfg name=opt/vial/name,string={name}");
+            let router =
+                Container::run(&image, &management, lesson.path(), &["-e", "VIAL_DATA_IFACES=1", "-e", &qemu_args]);
+            router.connect(&cable);
+            router
+        })
+        .collect();
+    for router in &routers {
+        let took = router.wait_healthy(FRR_BOOT_TIMEOUT);
+        println!("{}: healthy after {took:?} more", router.name);
+    }
+    // Each sees the other, over eth1, with the configuration the lesson directory gave it.
+    for (router, neighbor) in routers.iter().zip(["192.0.2.2", "192.0.2.1"]) {
+        let addr = router.address();
+        let started = Instant::now();
+        loop {
+            let (ok, neighbors) = ssh(addr, "sudo vtysh -c 'show ip ospf neighbor'");
+            if ok && neighbors.lines().any(|l| l.starts_with(neighbor) && l.contains("Full")) {
+                println!("{}: {}", router.name, neighbors.trim());
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{} has no full adjacency with {neighbor}:\n{neighbors}\n{}",
+                router.name,
+                ssh(addr, "ip -br addr; sudo vtysh -c 'show running-config'").1
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}

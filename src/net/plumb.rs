@@ -869,7 +869,14 @@ pub async fn self_check(stitch: &Stitch) -> Result<SelfCheck, PlumbError> {
             }
         }
     };
-    match tokio::time::timeout(SELF_CHECK_TIMEOUT, watch).await {
+    let outcome = tokio::time::timeout(SELF_CHECK_TIMEOUT, watch).await;
+    // Closing a packet socket waits for an RCU grace period (packet_release calls
+    // synchronize_net), ~15 ms here. Done on the supervisor's one thread that would make the
+    // checks of N links take N grace periods even when run side by side; on the blocking
+    // pool the closes overlap.
+    let socket = socket.into_inner();
+    tokio::task::spawn_blocking(move || drop(socket));
+    match outcome {
         Ok(Ok(sent)) => {
             info!(link = %stitch.link.name, nic = stitch.nic, sent, "self-check frame left on the link");
             Ok(SelfCheck::Passed)

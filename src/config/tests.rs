@@ -157,3 +157,25 @@ impl ProfileFile {
         Config::from_file(self, PathBuf::from("/nonexistent/profile.toml"), overrides, "h").map(|config| config.profile)
     }
 }
+
+#[test]
+fn bad_link_timeout_and_first_boot_steps_name_their_fields() {
+    let (mut file, _) = repo_profile("linux");
+    file.network.link_timeout = "soon".into();
+    file.first_boot.push(profile::FirstBootStepFile {
+        name: String::new(),
+        expect: String::new(),
+        send: None,
+        timeout: "0s".into(),
+    });
+    let problems = file.clone().validate().unwrap_err();
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields, ["network.link_timeout", "first_boot[0].name", "first_boot[0]", "first_boot[0].timeout"]);
+    assert!(problems[0].fix.contains("120s"), "{}", problems[0]);
+
+    let err = file.validate_with(&env(&[("VIAL_LINK_TIMEOUT", "later")])).unwrap_err();
+    assert!(
+        err.0.iter().any(|p| p.field == "VIAL_LINK_TIMEOUT (overrides network.link_timeout)" && p.value == "later"),
+        "{err}"
+    );
+}

@@ -9,3 +9,4 @@ mod config_errors;
 mod dataplane;
 mod images;
 mod pid1;
+mod snapshot;

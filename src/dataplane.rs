@@ -194,32 +194,9 @@ impl DataPlane {
                         return;
                     }
                 }
-                let slot = self.slots.iter().find(|s| s.name == link.name).expect("just stitched");
-                let stitch = slot.stitch.as_ref().expect("stitched");
-                let hotplug =
-                    match (stitch.fd.as_fd().try_clone_to_owned(), stitch.vhost.as_ref().map(|v| v.try_clone())) {
-                        (Ok(fd), vhost) => HotplugNic {
-                            id: format!("data{nic}"),
-                            device_id: format!("nic{nic}"),
-                            driver: profile.nic_model.clone(),
-                            mac: format_mac(nic_mac(name, nic)),
-                            host_mtu: (profile.nic_model == "virtio-net-pci" && link.mtu != 1500).then_some(link.mtu),
-                            fd,
-                            vhost_fd: vhost.and_then(Result::ok),
-                            bus: data_nic_slot(&profile.machine_type, nic).map(|_| "pci.0".to_string()),
-                            pci_addr: data_nic_slot(&profile.machine_type, nic).map(|slot| format!("{slot:#x}")),
-                        },
-                        (Err(err), _) => {
-                            tracing::error!(link = %link.name, %err, "cannot duplicate the tap descriptor");
-                            return;
-                        }
-                    };
-                match qmp.hotplug_nic(&hotplug).await {
-                    Ok(()) => tracing::info!(link = %link.name, nic, "link hot-plugged into the VM"),
-                    Err(err) => {
-                        tracing::error!(link = %link.name, nic, %err, "hot-plug failed");
-                        self.drop_stitch(&link.name, "failed").await;
-                    }
+                if let Err(err) = self.plug(&link.name, qmp, profile, name).await {
+                    tracing::error!(link = %link.name, nic, %err, "hot-plug failed");
+                    self.drop_stitch(&link.name, "failed").await;
                 }
             }
             LinkEvent::Removed(gone) => {
@@ -232,6 +209,43 @@ impl DataPlane {
                 tracing::info!(link = %gone, nic, "link gone; NIC unplugged (it is plugged again if the link returns)");
             }
         }
+    }
+
+    /// Hot-plugs every stitched link into the VM, in NIC order: after a RAM snapshot loads,
+    /// whose machine had no data NICs. Stops at the first failure.
+    pub async fn plug_all(&self, qmp: &Qmp, profile: &Profile, name: &str) -> Result<(), String> {
+        for slot in self.slots.iter().filter(|s| s.stitch.is_some()) {
+            self.plug(&slot.name, qmp, profile, name).await.map_err(|err| format!("{}: {err}", slot.name))?;
+        }
+        Ok(())
+    }
+
+    /// Hot-plugs the stitched link `link` into the slot it has at boot.
+    async fn plug(&self, link: &str, qmp: &Qmp, profile: &Profile, name: &str) -> Result<(), String> {
+        let slot = self.slots.iter().find(|s| s.name == link).ok_or("not a data link")?;
+        let stitch = slot.stitch.as_ref().ok_or("not stitched")?;
+        let nic = slot.nic;
+        let mtu = stitch.data_nic().mtu;
+        let fd = stitch.fd.as_fd().try_clone_to_owned().map_err(|err| format!("duplicating the tap: {err}"))?;
+        let vhost_fd = match &stitch.vhost {
+            Some(vhost) => Some(vhost.try_clone().map_err(|err| format!("duplicating vhost-net: {err}"))?),
+            None => None,
+        };
+        let slot_addr = data_nic_slot(&profile.machine_type, nic);
+        let hotplug = HotplugNic {
+            id: format!("data{nic}"),
+            device_id: format!("nic{nic}"),
+            driver: profile.nic_model.clone(),
+            mac: format_mac(nic_mac(name, nic)),
+            host_mtu: (profile.nic_model == "virtio-net-pci" && mtu != 1500).then_some(mtu),
+            fd,
+            vhost_fd,
+            bus: slot_addr.map(|_| "pci.0".to_string()),
+            pci_addr: slot_addr.map(|slot| format!("{slot:#x}")),
+        };
+        qmp.hotplug_nic(&hotplug).await.map_err(|err| crate::logging::error_chain(&err))?;
+        tracing::info!(link, nic, "link hot-plugged into the VM");
+        Ok(())
     }
 
     async fn drop_stitch(&mut self, name: &str, state: &'static str) {

@@ -3,6 +3,8 @@
 //! Code map (one module per kernel or protocol object; the binaries in `src/bin/` only parse,
 //! call and map to an exit code):
 
+/// `vial snapshot`: boot the guest once and save it as the image's RAM snapshot.
+pub mod capture;
 /// The endpoint's configuration: the profile file, `VIAL_*` overrides, flags; validation.
 pub mod config;
 /// The endpoint's data links over its life: waiting, stitching, hot-plug and unplug.
@@ -28,5 +30,6 @@ pub mod state;
 pub mod supervisor;
 /// Every `unsafe` block of the crate, behind safe wrappers.
 pub mod sys;
-/// The QEMU process: its argv (a pure function), acceleration probing, disk overlays, launch.
+/// The QEMU process: its argv (a pure function), acceleration probing, disk overlays, launch,
+/// RAM snapshots.
 pub mod vm;

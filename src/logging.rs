@@ -14,3 +14,15 @@ pub fn init() {
         .with_ansi(ansi)
         .try_init();
 }
+
+/// An error and its causes on one line (`a: b: c`), for logs and status reasons.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -117,6 +117,22 @@ pub enum QmpError {
         #[source]
         source: Box<QmpError>,
     },
+    /// A migration (saving or loading a RAM snapshot) ended in `failed` or `cancelled`.
+    #[error("migration {status}: {desc}")]
+    Migration {
+        /// The final status.
+        status: String,
+        /// QEMU's `error-desc`, when it gave one.
+        desc: String,
+    },
+    /// A migration did not finish in time.
+    #[error("migration not finished within {timeout:?} (status {status})")]
+    MigrationTimeout {
+        /// How long the client waited.
+        timeout: Duration,
+        /// The last status seen.
+        status: String,
+    },
     /// A step of `unplug_nic` failed.
     #[error("unplugging nic {device} failed")]
     UnplugNic {
@@ -926,6 +942,29 @@ impl Qmp {
         match self.execute(qapi::qmp::quit {}).await {
             Ok(_) | Err(QmpError::Closed) => Ok(()),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Waits until the current migration (outgoing `migrate` or incoming `migrate-incoming`)
+    /// completes, polling `query-migrate` every `poll`, and returns its final info (sizes,
+    /// times). `failed` or `cancelled` is an error with QEMU's description; a QEMU that exits
+    /// instead (an incoming migration that fails to load ends QEMU 7.2) gives `Closed`.
+    pub async fn wait_migration(&self, poll: Duration, timeout: Duration) -> Result<Value, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = self.execute_raw("query-migrate", Value::Null).await?;
+            let status = info["status"].as_str().unwrap_or("none").to_string();
+            match status.as_str() {
+                "completed" => return Ok(info),
+                "failed" | "cancelled" => {
+                    let desc = info["error-desc"].as_str().unwrap_or("no description").to_string();
+                    return Err(QmpError::Migration { status, desc });
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(QmpError::MigrationTimeout { timeout, status })
+                }
+                _ => tokio::time::sleep(poll).await,
+            }
         }
     }
 

@@ -75,6 +75,15 @@ pub struct LinkStatus {
 }
 
 /// A snapshot of everything health reports. The supervisor owns the only writer.
+/// How the guest was started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootStatus {
+    /// `snapshot` (the image's RAM snapshot was loaded) or `cold`.
+    pub from: String,
+    /// Why a profile's snapshot was not used, when it was not.
+    pub note: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Status {
     /// The profile's name.
@@ -95,6 +104,8 @@ pub struct Status {
     pub forwards: Vec<ForwardStatus>,
     /// Data links.
     pub links: Vec<LinkStatus>,
+    /// How the guest was started, once it was.
+    pub boot: Option<BootStatus>,
 }
 
 impl Status {
@@ -110,6 +121,7 @@ impl Status {
             vm_run_state: None,
             forwards: Vec::new(),
             links: Vec::new(),
+            boot: None,
         }
     }
 
@@ -126,6 +138,7 @@ impl Status {
             "vm": self.vm_run_state,
             "forwards": self.forwards,
             "links": self.links,
+            "boot": self.boot,
         })
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
 use tokio::sync::{mpsc, watch};
@@ -24,7 +25,7 @@ use crate::health;
 use crate::net::links::WaitError;
 use crate::qmp::{self, RunState, VmEvent};
 use crate::reaper::{self, Ended};
-use crate::state::{ForwardStatus, Phase, Status};
+use crate::state::{BootStatus, ForwardStatus, Phase, Status};
 use crate::vm::{self, argv::paths, Accel, Launch};
 
 /// How long `quit` gets before QEMU is killed.
@@ -35,6 +36,22 @@ const REPRESS_INTERVAL: Duration = Duration::from_secs(2);
 const QMP_GREETING_TIMEOUT: Duration = Duration::from_secs(30);
 /// The device every endpoint needs (DESIGN.md: the endpoint container contract).
 const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// How long loading a RAM snapshot may take (a few hundred MiB from the image's layer).
+const SNAPSHOT_LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a migration's progress is polled.
+const MIGRATION_POLL: Duration = Duration::from_millis(10);
+
+/// QMP negotiation as the supervision loop awaits it: the connection, or why there is none.
+type Negotiation = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(qmp::Qmp, qmp::Events), String>>>>;
+
+/// vial's control monitor as setup hands it to the supervision loop.
+enum Monitor {
+    /// Connected, greeting not read yet (QEMU is starting).
+    Pending(tokio::net::UnixStream),
+    /// Negotiated already (the snapshot was loaded over it).
+    Ready(qmp::Qmp, qmp::Events),
+}
 
 /// A setup step that failed, with the outcome it maps to.
 #[derive(Debug)]
@@ -145,7 +162,7 @@ impl Endpoint {
             }
         };
         let outcome = match self.setup_and_launch().await {
-            Ok((qemu_pid, control)) => self.supervise(qemu_pid, control, &mut signals).await,
+            Ok((qemu_pid, monitor)) => self.supervise(qemu_pid, monitor, &mut signals).await,
             Err(failure) => {
                 tracing::error!("{}", failure.message);
                 self.set_phase(Phase::Failed, Some(failure.message));
@@ -157,7 +174,7 @@ impl Endpoint {
     }
 
     /// Every setup step, in order; the first failure ends the run with its outcome.
-    async fn setup_and_launch(&mut self) -> Result<(u32, tokio::net::UnixStream), SetupFailure> {
+    async fn setup_and_launch(&mut self) -> Result<(u32, Monitor), SetupFailure> {
         let profile = self.config.profile.clone();
         std::fs::create_dir_all(&self.config.run_dir).map_err(|err| {
             fail(Outcome::SetupFailed, format!("cannot create run directory {}: {err}", self.config.run_dir.display()))
@@ -211,14 +228,12 @@ impl Endpoint {
             crate::forward::spawn_all(relays);
         }
 
-        let share = profile.share.as_ref().and_then(|share| {
-            if share.path.is_dir() {
-                Some(share.path.clone())
-            } else {
+        let share = lesson_dir(&self.config);
+        if share.is_none() {
+            if let Some(share) = &profile.share {
                 tracing::warn!(path = %share.path.display(), "lesson directory not present; the guest gets no 9p share");
-                None
             }
-        });
+        }
 
         self.set_phase(Phase::WaitingForInterfaces, None);
         let dataplane = DataPlane::start(&profile, &self.config.mgmt_iface).await.map_err(|err| match err {
@@ -227,60 +242,138 @@ impl Endpoint {
         })?;
         self.set_phase(Phase::Plumbing, None);
         self.status.send_modify(|status| status.links = dataplane.statuses());
-        let data_nics = dataplane.data_nics();
-        let mut inherit = dataplane.fds();
         self.dataplane = Some(dataplane);
 
-        let disks = vm::disk::prepare_overlays(&profile.disks, &self.config.state_dir).map_err(|err| match err {
-            vm::disk::OverlayError::QemuImgMissing => fail(Outcome::QemuMissing, err),
-            other => fail(Outcome::SetupFailed, other),
-        })?;
-
-        // vial's own QMP monitor: bind the listener, hand it to QEMU, connect at once.
-        let control_path = self.run_path(paths::CONTROL);
-        let _ = std::fs::remove_file(&control_path);
-        let control_listener = std::os::unix::net::UnixListener::bind(&control_path)
-            .map_err(|err| fail(Outcome::SetupFailed, format!("cannot bind {}: {err}", control_path.display())))?;
-        self.created.push(control_path.clone());
-        // Files QEMU creates; removed on exit in case QEMU is killed before it can.
-        for name in [paths::QMP, paths::CONSOLE] {
-            let path = self.run_path(name);
-            let _ = std::fs::remove_file(&path);
-            self.created.push(path);
-        }
-        let control = tokio::net::UnixStream::connect(&control_path).await.map_err(|err| {
-            fail(Outcome::SetupFailed, format!("cannot connect to {}: {err}", control_path.display()))
-        })?;
-
-        let launch = Launch {
-            accel,
-            run_dir: self.config.run_dir.clone(),
-            disks,
-            share,
-            control_fd: control_listener.as_raw_fd(),
-            name: self.config.name.clone(),
-            data_nics,
-            extra_args: self.config.qemu_args.clone(),
+        let note = match &profile.snapshot {
+            Some(snapshot) => match self.launch_from_snapshot(snapshot, accel, share.clone()).await {
+                Ok((pid, handle, events)) => {
+                    self.set_boot("snapshot", None);
+                    self.set_phase(Phase::Booting, None);
+                    return Ok((pid, Monitor::Ready(handle, events)));
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "not starting from the snapshot; booting cold");
+                    Some(format!("snapshot not used: {reason}"))
+                }
+            },
+            None => None,
         };
-        let argv = vm::qemu_argv(&profile, &launch);
-        inherit.push(control_listener.as_raw_fd());
-        let child = vm::launch::spawn_qemu(&argv, &inherit).map_err(|err| match err {
-            vm::launch::LaunchError::QemuMissing { .. } => fail(Outcome::QemuMissing, err),
-            other => fail(
-                Outcome::SetupFailed,
-                format!("{other}: {}", std::error::Error::source(&other).map(|s| s.to_string()).unwrap_or_default()),
-            ),
-        })?;
-        // QEMU holds the listener now; ours would only keep the socket alive after QEMU dies.
-        drop(OwnedFd::from(control_listener));
-        let pid = child.id();
-        self.status.send_modify(|status| status.qemu_pid = Some(pid));
+        let disks = self.overlays(None)?;
+        let plane = self.dataplane.as_ref().expect("set above");
+        let started = start_qemu(&self.config, accel, disks, share, plane.data_nics(), &plane.fds(), false)?;
+        self.created.extend(started.created);
+        self.status.send_modify(|status| status.qemu_pid = Some(started.pid));
+        self.set_boot("cold", note);
         self.set_phase(Phase::Booting, None);
-        Ok((pid, control))
+        Ok((started.pid, Monitor::Pending(started.control)))
+    }
+
+    fn set_boot(&self, from: &str, note: Option<String>) {
+        tracing::info!(from, note = note.as_deref().unwrap_or(""), "boot");
+        self.status.send_modify(|status| status.boot = Some(BootStatus { from: from.into(), note }));
+    }
+
+    /// The disk overlays in the state directory, over the image's disks or (`layers`) over a
+    /// snapshot's.
+    fn overlays(&self, layers: Option<&Path>) -> Result<Vec<PathBuf>, SetupFailure> {
+        vm::disk::prepare_overlays(&self.config.profile.disks, &self.config.state_dir, layers).map_err(
+            |err| match err {
+                vm::disk::OverlayError::QemuImgMissing => fail(Outcome::QemuMissing, err),
+                other => fail(Outcome::SetupFailed, other),
+            },
+        )
+    }
+
+    /// Starts QEMU from the profile's RAM snapshot: paused, without the 9p device and the data
+    /// NICs; loads the snapshot, hot-plugs those devices, resumes. Any failure leaves nothing
+    /// behind (QEMU gone, its overlays removed) and says why, and the caller boots cold.
+    async fn launch_from_snapshot(
+        &mut self,
+        snapshot: &crate::config::Snapshot,
+        accel: Accel,
+        share: Option<PathBuf>,
+    ) -> Result<(u32, qmp::Qmp, qmp::Events), String> {
+        let profile = &self.config.profile;
+        let manifest = vm::snapshot::load_manifest(&snapshot.dir)?;
+        let machine = vm::snapshot::machine_argv(profile, accel, &self.config.qemu_args);
+        vm::snapshot::check_fits(&manifest, &machine, &vm::snapshot::file_stamps(profile))?;
+        if vm::disk::has_overlays(&profile.disks, &self.config.state_dir) {
+            return Err("an earlier run of this container changed its disk (its overlay is kept), and the \
+                        snapshot's memory does not know those changes"
+                .into());
+        }
+        let vmstate_path = snapshot.dir.join(vm::snapshot::VMSTATE);
+        let vmstate = std::fs::File::open(&vmstate_path)
+            .map_err(|err| format!("cannot open {}: {err}", vmstate_path.display()))?;
+
+        let disks = self.overlays(Some(&snapshot.dir)).map_err(|failure| failure.message)?;
+        let started = start_qemu(&self.config, accel, disks, share.clone(), Vec::new(), &[], true)
+            .map_err(|failure| failure.message)?;
+        self.created.extend(started.created);
+        let pid = started.pid;
+        self.status.send_modify(|status| status.qemu_pid = Some(pid));
+        let loaded = Instant::now();
+        match self.load_snapshot(started.control, &manifest, &vmstate, share.is_some()).await {
+            Ok((handle, events)) => {
+                tracing::info!(elapsed = ?loaded.elapsed(), "snapshot loaded and resumed");
+                Ok((pid, handle, events))
+            }
+            Err(reason) => {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+                self.status.send_modify(|status| status.qemu_pid = None);
+                for i in 0..self.config.profile.disks.len() {
+                    let _ = std::fs::remove_file(vm::disk::overlay_path(&self.config.state_dir, i));
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    async fn load_snapshot(
+        &self,
+        control: tokio::net::UnixStream,
+        manifest: &vm::snapshot::Manifest,
+        vmstate: &std::fs::File,
+        share: bool,
+    ) -> Result<(qmp::Qmp, qmp::Events), String> {
+        use std::os::fd::AsFd;
+        let chain = |err: qmp::QmpError| crate::logging::error_chain(&err);
+        let (handle, events) = tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control))
+            .await
+            .map_err(|_| format!("qemu did not greet on qmp within {QMP_GREETING_TIMEOUT:?}"))?
+            .map_err(chain)?;
+        let version =
+            vm::snapshot::qemu_version(&handle.execute_raw("query-version", Value::Null).await.map_err(chain)?);
+        if version != manifest.qemu {
+            return Err(format!("this is QEMU {version}; the snapshot was made by QEMU {}", manifest.qemu));
+        }
+        handle.getfd("vmstate", vmstate.as_fd()).await.map_err(chain)?;
+        handle.execute_raw("migrate-incoming", serde_json::json!({"uri": "fd:vmstate"})).await.map_err(chain)?;
+        handle.wait_migration(MIGRATION_POLL, SNAPSHOT_LOAD_TIMEOUT).await.map_err(|err| match err {
+            qmp::QmpError::Closed => "qemu exited while loading the snapshot (its message is in the log above)".into(),
+            other => format!("loading the snapshot: {}", chain(other)),
+        })?;
+        let profile = &self.config.profile;
+        if let (true, Some(lesson)) = (share, &profile.share) {
+            let props: serde_json::Map<String, Value> = vm::argv::share_device(profile, &lesson.tag)
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), Value::from(value)))
+                .collect();
+            handle
+                .execute_raw("device_add", Value::Object(props))
+                .await
+                .map_err(|err| format!("hot-plugging the 9p share: {}", chain(err)))?;
+        }
+        if let Some(plane) = &self.dataplane {
+            plane.plug_all(&handle, profile, &self.config.name).await.map_err(|err| format!("hot-plugging {err}"))?;
+        }
+        handle.execute_raw("cont", Value::Null).await.map_err(chain)?;
+        Ok((handle, events))
     }
 
     /// Watches QEMU until it is gone and returns how the run ended.
-    async fn supervise(&mut self, qemu_pid: u32, control: tokio::net::UnixStream, signals: &mut Signals) -> Outcome {
+    async fn supervise(&mut self, qemu_pid: u32, monitor: Monitor, signals: &mut Signals) -> Outcome {
         let profile = self.config.profile.clone();
         let mut stop = Stop::NotRequested;
         let mut qmp_handle: Option<qmp::Qmp> = None;
@@ -292,7 +385,16 @@ impl Endpoint {
 
         // QMP negotiation runs beside the loop, so signals and QEMU's death are seen while
         // QEMU is still starting.
-        let mut negotiation = Box::pin(tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control)));
+        let mut negotiation: Negotiation = match monitor {
+            Monitor::Pending(control) => Box::pin(async move {
+                match tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control)).await {
+                    Ok(Ok(connected)) => Ok(connected),
+                    Ok(Err(err)) => Err(format!("qmp negotiation failed: {}", crate::logging::error_chain(&err))),
+                    Err(_) => Err(format!("qemu did not greet on qmp within {QMP_GREETING_TIMEOUT:?}")),
+                }
+            }),
+            Monitor::Ready(handle, events) => Box::pin(std::future::ready(Ok((handle, events)))),
+        };
         let mut negotiating = true;
 
         loop {
@@ -305,7 +407,7 @@ impl Endpoint {
                 result = &mut negotiation, if negotiating => {
                     negotiating = false;
                     match result {
-                        Ok(Ok((handle, stream))) => {
+                        Ok((handle, stream)) => {
                             tracing::info!("qmp negotiated");
                             if let Some(state) = self.after_negotiation(&handle).await {
                                 run_state = state;
@@ -320,8 +422,7 @@ impl Endpoint {
                             }
                             qmp_handle = Some(handle);
                         }
-                        Ok(Err(err)) => tracing::warn!(%err, "qmp negotiation failed; supervising qemu without it"),
-                        Err(_) => tracing::warn!(timeout = ?QMP_GREETING_TIMEOUT, "qemu did not greet on qmp in time; supervising qemu without it"),
+                        Err(reason) => tracing::warn!(%reason, "supervising qemu without qmp"),
                     }
                 }
                 event = recv_event(&mut events) => match event {
@@ -602,7 +703,7 @@ pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool
 /// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
 /// a plain file QEMU appends to, and a probe is periodic by nature. Reads only what is new
 /// (a small local read, fine on the supervisor's thread).
-async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
+pub(crate) async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
     use std::io::{Read, Seek, SeekFrom};
     let mut offset = 0u64;
     let mut window: Vec<u8> = Vec::new();
@@ -626,22 +727,95 @@ async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
     }
 }
 
-/// The QEMU argv `vial run` would use with this configuration, without creating anything
-/// (`vial argv`): overlays are named but not made, and the control monitor's descriptor is
-/// shown as 3.
+/// The QEMU argv `vial run` would use for a cold boot with this configuration, without
+/// creating anything (`vial argv`): overlays are named but not made, and the control
+/// monitor's descriptor is shown as 3.
 pub fn dry_run_argv(config: &Config) -> Result<Vec<std::ffi::OsString>, SetupFailure> {
-    let profile = &config.profile;
     let (accel, _) =
-        vm::resolve_accel(profile.accel, crate::sys::kvm_usable).map_err(|err| fail(Outcome::Config, err))?;
-    let launch = Launch {
+        vm::resolve_accel(config.profile.accel, crate::sys::kvm_usable).map_err(|err| fail(Outcome::Config, err))?;
+    let disks = (0..config.profile.disks.len()).map(|i| vm::disk::overlay_path(&config.state_dir, i)).collect();
+    Ok(vm::qemu_argv(&config.profile, &launch_for(config, accel, disks, lesson_dir(config), 3, Vec::new(), false)))
+}
+
+/// The lesson directory to share, when the profile shares one and it exists.
+pub(crate) fn lesson_dir(config: &Config) -> Option<PathBuf> {
+    config.profile.share.as_ref().filter(|share| share.path.is_dir()).map(|share| share.path.clone())
+}
+
+/// The runtime inputs of QEMU's argv: the one place they are put together.
+fn launch_for(
+    config: &Config,
+    accel: Accel,
+    disks: Vec<PathBuf>,
+    share: Option<PathBuf>,
+    control_fd: std::os::fd::RawFd,
+    data_nics: Vec<vm::argv::DataNic>,
+    restore: bool,
+) -> Launch {
+    Launch {
         accel,
         run_dir: config.run_dir.clone(),
-        disks: (0..profile.disks.len()).map(|i| vm::disk::overlay_path(&config.state_dir, i)).collect(),
-        share: profile.share.as_ref().filter(|s| s.path.is_dir()).map(|s| s.path.clone()),
-        control_fd: 3,
+        disks,
+        share,
+        control_fd,
         name: config.name.clone(),
-        data_nics: Vec::new(),
+        data_nics,
         extra_args: config.qemu_args.clone(),
-    };
-    Ok(vm::qemu_argv(profile, &launch))
+        restore,
+    }
+}
+
+/// A QEMU that `start_qemu` started.
+pub(crate) struct Started {
+    /// Its pid (also its process group).
+    pub pid: u32,
+    /// vial's end of its control monitor, not negotiated yet.
+    pub control: tokio::net::UnixStream,
+    /// Files in the run directory to remove when the run ends.
+    pub created: Vec<PathBuf>,
+}
+
+/// Starts QEMU: binds vial's own QMP monitor and hands the listener to QEMU (so vial connects
+/// at once, with no polling for a socket file), then spawns QEMU with `inherit` open in it.
+pub(crate) fn start_qemu(
+    config: &Config,
+    accel: Accel,
+    disks: Vec<PathBuf>,
+    share: Option<PathBuf>,
+    data_nics: Vec<vm::argv::DataNic>,
+    inherit: &[std::os::fd::RawFd],
+    restore: bool,
+) -> Result<Started, SetupFailure> {
+    let run_path = |name: &str| config.run_dir.join(name);
+    let mut created = Vec::new();
+    let control_path = run_path(paths::CONTROL);
+    let _ = std::fs::remove_file(&control_path);
+    let control_listener = std::os::unix::net::UnixListener::bind(&control_path)
+        .map_err(|err| fail(Outcome::SetupFailed, format!("cannot bind {}: {err}", control_path.display())))?;
+    created.push(control_path.clone());
+    // Files QEMU creates; removed on exit in case QEMU is killed before it can.
+    for name in [paths::QMP, paths::CONSOLE] {
+        let path = run_path(name);
+        let _ = std::fs::remove_file(&path);
+        created.push(path);
+    }
+    // The connection waits in the listener's backlog until QEMU accepts it.
+    let control = std::os::unix::net::UnixStream::connect(&control_path)
+        .and_then(|stream| {
+            stream.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(stream)
+        })
+        .map_err(|err| fail(Outcome::SetupFailed, format!("cannot connect to {}: {err}", control_path.display())))?;
+
+    let launch = launch_for(config, accel, disks, share, control_listener.as_raw_fd(), data_nics, restore);
+    let argv = vm::qemu_argv(&config.profile, &launch);
+    let mut inherit = inherit.to_vec();
+    inherit.push(control_listener.as_raw_fd());
+    let child = vm::launch::spawn_qemu(&argv, &inherit).map_err(|err| match err {
+        vm::launch::LaunchError::QemuMissing { .. } => fail(Outcome::QemuMissing, err),
+        other => fail(Outcome::SetupFailed, crate::logging::error_chain(&other)),
+    })?;
+    // QEMU holds the listener now; ours would only keep the socket alive after QEMU dies.
+    drop(OwnedFd::from(control_listener));
+    Ok(Started { pid: child.id(), control, created })
 }

@@ -27,6 +27,9 @@ enum Command {
     Health(HealthArgs),
     /// Print the QEMU command line the current configuration yields, without starting it.
     Argv(RunArgs),
+    /// Boot the guest once, wait until it is ready and save it as the profile's RAM snapshot
+    /// (image build time; `vial run` then starts from it).
+    Snapshot(RunArgs),
 }
 
 /// Settings; each also reads its `VIAL_*` variable, and a flag wins over it.
@@ -77,9 +80,12 @@ struct RunArgs {
     /// Extra QEMU arguments, space-separated [env: VIAL_QEMU_ARGS].
     #[arg(long, allow_hyphen_values = true)]
     qemu_args: Option<String>,
-    /// Endpoint name [env: VIAL_NAME; default the hostname].
+    /// Endpoint name, told to the guest [env: VIAL_NAME; default the hostname].
     #[arg(long)]
     name: Option<String>,
+    /// Start from the image's RAM snapshot: auto, off, or a snapshot directory [env: VIAL_SNAPSHOT].
+    #[arg(long)]
+    snapshot: Option<String>,
 }
 
 impl RunArgs {
@@ -101,6 +107,7 @@ impl RunArgs {
             (Key::Qemu, self.qemu),
             (Key::QemuArgs, self.qemu_args),
             (Key::Name, self.name),
+            (Key::Snapshot, self.snapshot),
         ];
         for (key, value) in flags {
             if let Some(value) = value {
@@ -153,6 +160,7 @@ fn main() {
             std::process::exit(code);
         }
         Some(Command::Argv(args)) => std::process::exit(print_argv(args)),
+        Some(Command::Snapshot(args)) => std::process::exit(snapshot(args)),
         Some(Command::Run(args)) => std::process::exit(run(args)),
         None => std::process::exit(run(cli.run)),
     }
@@ -197,6 +205,28 @@ fn print_argv(args: RunArgs) -> i32 {
         Ok(argv) => {
             let words: Vec<String> = argv.iter().map(|a| a.to_string_lossy().to_string()).collect();
             println!("{}", words.join(" "));
+            0
+        }
+        Err(failure) => {
+            eprintln!("{}", failure.message);
+            failure.outcome.code()
+        }
+    }
+}
+
+fn snapshot(args: RunArgs) -> i32 {
+    let config = match load(args) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let dir = config.profile.snapshot.as_ref().map(|s| s.dir.display().to_string()).unwrap_or_default();
+    match vial::capture::run(config) {
+        Ok(manifest) => {
+            println!(
+                "snapshot saved in {dir}: {} MiB of guest state, QEMU {}",
+                manifest.vmstate_bytes >> 20,
+                manifest.qemu
+            );
             0
         }
         Err(failure) => {

@@ -11,7 +11,8 @@ pub mod profile;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use profile::{AccelChoice, Forward, Plumbing, Probe, Profile, ProfileFile, Protocol};
+use profile::SnapshotFile;
+pub use profile::{AccelChoice, Forward, Plumbing, Probe, Profile, ProfileFile, Protocol, Snapshot};
 
 /// One thing wrong with the configuration: where, what, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +82,10 @@ pub enum Key {
     Qemu,
     /// Extra QEMU arguments (whitespace-separated).
     QemuArgs,
-    /// The endpoint's name (MAC addresses derive from it).
+    /// The endpoint's name (MAC addresses derive from it; the guest is told it).
     Name,
+    /// `off`, `auto` or a snapshot directory.
+    Snapshot,
 }
 
 /// Each key with its environment variable and its flag.
@@ -103,6 +106,7 @@ pub const KEYS: &[(Key, &str, &str)] = &[
     (Key::Qemu, "VIAL_QEMU", "--qemu"),
     (Key::QemuArgs, "VIAL_QEMU_ARGS", "--qemu-args"),
     (Key::Name, "VIAL_NAME", "--name"),
+    (Key::Snapshot, "VIAL_SNAPSHOT", "--snapshot"),
 ];
 
 /// `VIAL_*` variables that are read elsewhere and are not settings.
@@ -237,6 +241,9 @@ impl Config {
         for disk in &mut file.disks {
             resolve(&mut disk.path);
         }
+        if let Some(snapshot) = &mut file.snapshot {
+            resolve(&mut snapshot.path);
+        }
         // Which profile field each override replaced, so problems name the override.
         let mut renamed: Vec<(&str, String)> = Vec::new();
         let mut apply = |key: Key, field: &'static str, file: &mut ProfileFile, problems: &mut Vec<Problem>| {
@@ -251,6 +258,21 @@ impl Config {
                 Key::Plumbing => file.network.plumbing = value,
                 Key::LinkTimeout => file.network.link_timeout = value,
                 Key::LessonDir => file.share.path = PathBuf::from(value),
+                Key::Snapshot => match value.as_str() {
+                    "off" => file.snapshot = None,
+                    "auto" => {}
+                    path if path.starts_with('/') => {
+                        let settle = file.snapshot.take().map(|s| s.settle).unwrap_or_else(|| "0s".into());
+                        file.snapshot = Some(SnapshotFile { path: PathBuf::from(path), settle });
+                    }
+                    _ => problems.push(Problem {
+                        field: source.into(),
+                        value,
+                        fix: "use off (always boot cold), auto (the profile's snapshot, the default) or the \
+                              absolute path of a snapshot directory"
+                            .into(),
+                    }),
+                },
                 Key::Vcpus => match value.parse() {
                     Ok(n) => file.machine.vcpus = n,
                     Err(_) => {
@@ -282,6 +304,7 @@ impl Config {
         apply(Key::DataIfaces, "network.data_nics", &mut file, &mut problems);
         apply(Key::Egress, "network.egress", &mut file, &mut problems);
         apply(Key::LessonDir, "share.path", &mut file, &mut problems);
+        apply(Key::Snapshot, "snapshot.path", &mut file, &mut problems);
 
         let profile = match file.validate() {
             Ok(profile) => Some(profile),
@@ -318,7 +341,16 @@ impl Config {
                 fix: "give an interface name of 1 to 15 characters".into(),
             });
         }
-        let name = overrides.get(Key::Name).map(|(v, _)| v).unwrap_or(hostname).to_string();
+        let (name, name_source) = overrides.get(Key::Name).unwrap_or((hostname, "the hostname"));
+        let name = name.to_string();
+        if !valid_name(&name) {
+            problems.push(Problem {
+                field: name_source.into(),
+                value: name.clone(),
+                fix: "give the endpoint a host name: 1 to 63 letters, digits, '-', '_' or '.' (VIAL_NAME or --name)"
+                    .into(),
+            });
+        }
         let qemu_args = overrides
             .get(Key::QemuArgs)
             .map(|(v, _)| v.split_whitespace().map(String::from).collect())
@@ -331,6 +363,11 @@ impl Config {
             _ => Err(ConfigError(problems)),
         }
     }
+}
+
+/// Whether `name` can be the guest's host name (and go on QEMU's command line unquoted).
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Parses a size such as `512M`, `2G`, `2GiB`, `1024` (MiB) into MiB.

@@ -47,6 +47,24 @@ pub struct ProfileFile {
     /// (Stage 1: user, DHCP, APIs, power-off). `vial` itself never runs them.
     #[serde(default)]
     pub first_boot: Vec<FirstBootStepFile>,
+    /// A RAM snapshot of the booted guest that `vial` starts from (made by `vial snapshot`).
+    #[serde(default)]
+    pub snapshot: Option<SnapshotFile>,
+}
+
+/// `[snapshot]`: where the image keeps the RAM snapshot of its booted guest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFile {
+    /// The snapshot directory (`vmstate`, the disks' snapshot layers, `snapshot.json`).
+    pub path: PathBuf,
+    /// How long `vial snapshot` lets the guest settle after it is ready, before saving.
+    #[serde(default = "default_settle")]
+    pub settle: String,
+}
+
+fn default_settle() -> String {
+    "0s".into()
 }
 
 /// `[[first_boot]]`: wait for a pattern on the serial console, then send a line.
@@ -508,6 +526,17 @@ pub struct Profile {
     pub credentials: Option<Credentials>,
     /// First-boot steps (used by `cargo xtask image`).
     pub first_boot: Vec<FirstBootStep>,
+    /// The RAM snapshot to start from, if the profile has one.
+    pub snapshot: Option<Snapshot>,
+}
+
+/// A validated `[snapshot]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Time between ready and saving, when the snapshot is made.
+    pub settle: Duration,
 }
 
 const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3"];
@@ -744,6 +773,22 @@ impl ProfileFile {
             })
             .collect();
 
+        let snapshot = self.snapshot.as_ref().map(|snapshot| {
+            if snapshot.path.as_os_str().is_empty() {
+                bad(
+                    "snapshot.path",
+                    &"",
+                    "give the snapshot directory (relative to the profile's folder, or absolute)",
+                );
+            }
+            let settle =
+                parse_duration(&snapshot.settle).filter(|d| *d <= Duration::from_secs(600)).unwrap_or_else(|| {
+                    bad("snapshot.settle", &snapshot.settle, "give a duration up to 10m, e.g. 5s");
+                    Duration::ZERO
+                });
+            Snapshot { dir: snapshot.path.clone(), settle }
+        });
+
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -772,6 +817,7 @@ impl ProfileFile {
             stop_timeout,
             credentials: self.credentials.clone(),
             first_boot,
+            snapshot,
         })
     }
 }

@@ -179,3 +179,43 @@ fn bad_link_timeout_and_first_boot_steps_name_their_fields() {
         "{err}"
     );
 }
+
+#[test]
+fn snapshot_path_resolves_against_the_profile_and_vial_snapshot_overrides_it() {
+    let (file, _) = repo_profile("linux");
+    let config = Config::from_file(file.clone(), "/etc/vial/profile.toml".into(), &Overrides::default(), "h").unwrap();
+    assert_eq!(config.profile.snapshot.unwrap().dir, Path::new("/etc/vial/snapshot"));
+    let off = Config::from_file(file.clone(), "/etc/vial/profile.toml".into(), &env(&[("VIAL_SNAPSHOT", "off")]), "h");
+    assert_eq!(off.unwrap().profile.snapshot, None);
+    let auto =
+        Config::from_file(file.clone(), "/etc/vial/profile.toml".into(), &env(&[("VIAL_SNAPSHOT", "auto")]), "h");
+    assert_eq!(auto.unwrap().profile.snapshot.unwrap().dir, Path::new("/etc/vial/snapshot"));
+    let other = Config::from_file(file, "/etc/vial/profile.toml".into(), &env(&[("VIAL_SNAPSHOT", "/snap")]), "h");
+    assert_eq!(other.unwrap().profile.snapshot.unwrap().dir, Path::new("/snap"));
+}
+
+#[test]
+fn bad_snapshot_settings_name_the_setting_the_value_and_the_fix() {
+    let (file, _) = repo_profile("linux");
+    let err = Config::from_file(file.clone(), "/p/profile.toml".into(), &env(&[("VIAL_SNAPSHOT", "yes")]), "h")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("VIAL_SNAPSHOT") && err.contains("yes") && err.contains("use off"), "{err}");
+
+    let mut bad = file;
+    bad.snapshot.as_mut().unwrap().settle = "forever".into();
+    let problems = bad.validate().unwrap_err();
+    assert_eq!(problems[0].field, "snapshot.settle");
+    assert!(problems[0].fix.contains("5s"), "{:?}", problems[0]);
+}
+
+#[test]
+fn a_name_the_guest_cannot_take_is_refused_naming_where_it_came_from() {
+    let (file, _) = repo_profile("linux");
+    let err = Config::from_file(file.clone(), "/p/profile.toml".into(), &env(&[("VIAL_NAME", "r1,evil=1")]), "h")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("VIAL_NAME") && err.contains("r1,evil=1") && err.contains("63 letters"), "{err}");
+    let err = Config::from_file(file, "/p/profile.toml".into(), &Overrides::default(), "").unwrap_err().to_string();
+    assert!(err.contains("the hostname"), "{err}");
+}

@@ -28,6 +28,10 @@ pub struct Launch {
     pub data_nics: Vec<DataNic>,
     /// Extra arguments from the environment, appended last.
     pub extra_args: Vec<String>,
+    /// Start paused, waiting for a RAM snapshot (`-S -incoming defer`), without the devices
+    /// the snapshot lacks: the 9p device (its `-fsdev` stays) and the data NICs are
+    /// hot-plugged once the snapshot is loaded.
+    pub restore: bool,
 }
 
 /// How a data NIC reaches its container link.
@@ -114,6 +118,34 @@ pub fn data_nic_device(profile: &Profile, name: &str, index: u32, mtu: u32) -> S
     device
 }
 
+/// The fw_cfg file that carries the endpoint's name (`/sys/firmware/qemu_fw_cfg/by_name/
+/// opt/vial/name/raw` in a Linux guest with `qemu_fw_cfg` loaded).
+pub const NAME_FW_CFG: &str = "opt/vial/name";
+
+/// The id of the 9p device (also what a hot-plug adds) and of its `-fsdev`.
+pub const SHARE_DEVICE_ID: &str = "share";
+/// The id of the lesson directory's `-fsdev`.
+pub const SHARE_FSDEV_ID: &str = "lesson";
+
+/// The 9p device's properties, for `-device` and for `device_add` alike. On `pc` it sits at
+/// slot 7, just below the data NICs, when the slots QEMU assigns before it (virtio and SCSI
+/// disks, the management NIC, reserved NICs from slot 2) leave it free; a device hot-plugged
+/// after a snapshot loads then lands where it is at a cold boot.
+pub fn share_device(profile: &Profile, tag: &str) -> Vec<(&'static str, String)> {
+    let mut props = vec![
+        ("driver", "virtio-9p-pci".to_string()),
+        ("id", SHARE_DEVICE_ID.to_string()),
+        ("fsdev", SHARE_FSDEV_ID.to_string()),
+        ("mount_tag", tag.to_string()),
+    ];
+    let pc = profile.machine_type == "pc" || profile.machine_type.starts_with("pc-");
+    let before = profile.disks.iter().filter(|d| d.interface != "ide").count() + 1 + profile.reserved_nics as usize;
+    if pc && before <= 5 {
+        props.extend([("bus", "pci.0".to_string()), ("addr", "0x7".to_string())]);
+    }
+    props
+}
+
 /// The CPU model for the accelerator: `host` exists only under KVM, so TCG gets `max`.
 fn cpu_model(profile: &Profile, accel: Accel) -> &str {
     match (profile.cpu.as_str(), accel) {
@@ -168,6 +200,8 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
         netdev.push_str(&format!(",net={net}/{prefix}"));
     }
     netdev.push_str(if profile.egress { ",restrict=off" } else { ",restrict=on" });
+    // The endpoint's name, as DHCP option 12 (appliances that name themselves from DHCP).
+    netdev.push_str(&format!(",hostname={}", launch.name));
     for forward in &profile.forwards {
         netdev.push_str(&format!(
             ",hostfwd={}:{}:{}-:{}",
@@ -196,9 +230,17 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
 
     if let (Some(share), Some(dir)) = (&profile.share, &launch.share) {
         let readonly = if share.read_only { ",readonly=on" } else { "" };
-        push(&["-fsdev", &format!("local,id=lesson,path={},security_model=none{readonly}", path_str(dir))]);
-        push(&["-device", &format!("virtio-9p-pci,fsdev=lesson,mount_tag={}", share.tag)]);
+        push(&["-fsdev", &format!("local,id={SHARE_FSDEV_ID},path={},security_model=none{readonly}", path_str(dir))]);
+        if !launch.restore {
+            let props = share_device(profile, &share.tag);
+            let (driver, rest) = props.split_first().expect("the driver comes first");
+            let rest: Vec<String> = rest.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            push(&["-device", &format!("{},{}", driver.1, rest.join(","))]);
+        }
     }
+    // The endpoint's name, for guests that read it before they have a network (and after a
+    // snapshot loads, when their DHCP lease is the snapshot's).
+    push(&["-fw_cfg", &format!("name={NAME_FW_CFG},string={}", launch.name)]);
 
     // Serial console: a socket to attach to, and everything it prints in a log.
     push(&[
@@ -218,6 +260,9 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(paths::QMP))]);
     push(&["-mon", "chardev=qmp,mode=control"]);
 
+    if launch.restore {
+        push(&["-S", "-incoming", "defer"]);
+    }
     args.extend(profile.extra_args.iter().cloned());
     args.extend(launch.extra_args.iter().cloned());
     args.into_iter().map(OsString::from).collect()

@@ -38,25 +38,33 @@ pub fn overlay_path(state_dir: &Path, index: usize) -> PathBuf {
     state_dir.join(format!("disk{index}.qcow2"))
 }
 
-/// The `qemu-img` arguments that create the overlay of `disk` at `overlay` (pure).
-pub fn overlay_args(disk: &Disk, overlay: &Path) -> Vec<String> {
-    let base = std::path::absolute(&disk.path).unwrap_or_else(|_| disk.path.clone());
+/// The `qemu-img` arguments that create an overlay at `overlay` over `base` in `format` (pure).
+pub fn overlay_args(base: &Path, format: &str, overlay: &Path) -> Vec<String> {
+    let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
     vec![
         "create".into(),
         "-q".into(),
         "-f".into(),
         "qcow2".into(),
         "-F".into(),
-        disk.format.clone(),
+        format.into(),
         "-b".into(),
         base.display().to_string(),
         overlay.display().to_string(),
     ]
 }
 
-/// Creates (or keeps) an overlay for every disk and returns their paths in order. Runs
-/// before QEMU starts, while no reaper owns `waitpid`, so a plain `Command::output` is safe.
-pub fn prepare_overlays(disks: &[Disk], state_dir: &Path) -> Result<Vec<PathBuf>, OverlayError> {
+/// Whether an earlier run left an overlay in `state_dir` (the guest's disk then differs from
+/// the image's, and from any snapshot's).
+pub fn has_overlays(disks: &[Disk], state_dir: &Path) -> bool {
+    (0..disks.len()).any(|i| overlay_path(state_dir, i).exists())
+}
+
+/// Creates (or keeps) an overlay for every disk and returns their paths in order. Each goes
+/// over the image's disk, or over the snapshot's layer of it when `layers` names a snapshot
+/// directory. Runs before QEMU starts, while no reaper owns `waitpid`, so a plain
+/// `Command::output` is safe.
+pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, layers: Option<&Path>) -> Result<Vec<PathBuf>, OverlayError> {
     if disks.is_empty() {
         return Ok(Vec::new());
     }
@@ -68,13 +76,14 @@ pub fn prepare_overlays(disks: &[Disk], state_dir: &Path) -> Result<Vec<PathBuf>
             tracing::info!(overlay = %overlay.display(), "keeping the overlay of an earlier run");
         } else {
             tracing::debug!(base = %disk.path.display(), overlay = %overlay.display(), "creating overlay");
-            let output =
-                Command::new("qemu-img").args(overlay_args(disk, &overlay)).output().map_err(|err| {
-                    match err.kind() {
-                        std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
-                        _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
-                    }
-                })?;
+            let args = match layers {
+                Some(dir) => overlay_args(&super::snapshot::disk_layer(dir, i), "qcow2", &overlay),
+                None => overlay_args(&disk.path, &disk.format, &overlay),
+            };
+            let output = Command::new("qemu-img").args(args).output().map_err(|err| match err.kind() {
+                std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
+                _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
+            })?;
             if !output.status.success() {
                 return Err(OverlayError::Create {
                     base: disk.path.clone(),
@@ -93,8 +102,7 @@ mod tests {
 
     #[test]
     fn overlay_args_name_backing_format_and_absolute_base() {
-        let disk = Disk { path: "/images/cvx.qcow2".into(), format: "qcow2".into(), interface: "ide".into() };
-        let args = overlay_args(&disk, Path::new("/var/lib/vial/disk0.qcow2"));
+        let args = overlay_args(Path::new("/images/cvx.qcow2"), "qcow2", Path::new("/var/lib/vial/disk0.qcow2"));
         assert_eq!(args.join(" "), "create -q -f qcow2 -F qcow2 -b /images/cvx.qcow2 /var/lib/vial/disk0.qcow2");
     }
 
@@ -106,11 +114,11 @@ mod tests {
         std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
         let before = std::fs::metadata(&base).unwrap().modified().unwrap();
         let disk = Disk { path: base.clone(), format: "raw".into(), interface: "virtio".into() };
-        let overlays = prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"))
+        let overlays = prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"), None)
             .expect("qemu-img must be installed (qemu-utils)");
         assert!(overlays[0].is_file());
         // A second run keeps the first run's overlay.
-        assert_eq!(prepare_overlays(&[disk], &dir.join("state")).unwrap(), overlays);
+        assert_eq!(prepare_overlays(&[disk], &dir.join("state"), None).unwrap(), overlays);
         assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), before);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -6,6 +6,7 @@ pub mod accel;
 pub mod argv;
 pub mod disk;
 pub mod launch;
+pub mod snapshot;
 
 pub use accel::{resolve_accel, Accel};
 pub use argv::{qemu_argv, Launch};

@@ -19,6 +19,7 @@ fn launch(accel: Accel, disks: usize, data_nics: Vec<DataNic>) -> Launch {
         name: "r1".into(),
         data_nics,
         extra_args: Vec::new(),
+        restore: false,
     }
 }
 
@@ -38,10 +39,11 @@ fn linux_profile_argv_under_tcg() {
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 256 -smp 1 \
 -nodefaults -no-user-config -display none \
 -kernel /etc/vial/guest/vmlinux -initrd /etc/vial/guest/initrd.img -append console=ttyS0 quiet panic=-1 \
--netdev user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:80-:80 \
+-netdev user,id=mgmt,restrict=on,hostname=r1,hostfwd=tcp:127.0.0.1:80-:80 \
 -device virtio-net-pci,netdev=mgmt,mac={mac0} \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
--device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
+-device virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7 \
+-fw_cfg name=opt/vial/name,string=r1 {MONITORS}",
         mac0 = format_mac(nic_mac("r1", 0)),
     );
     assert_eq!(joined(&profile("linux"), &launch(Accel::Tcg, 0, vec![])), expected);
@@ -61,12 +63,13 @@ fn cumulus_profile_argv_under_kvm_with_two_data_links() {
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel kvm -cpu host -m 2048 -smp 2 \
 -nodefaults -no-user-config -display none \
 -drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
--netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
+-netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostname=r1,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
 -device virtio-net-pci,netdev=mgmt,mac={mac0} \
 -netdev tap,id=data1,ifname=tap1,script=no,downscript=no -device virtio-net-pci,netdev=data1,id=nic1,mac={mac1},host_mtu=9000,bus=pci.0,addr=0x8 \
 -netdev tap,id=data2,ifname=tap2,script=no,downscript=no -device virtio-net-pci,netdev=data2,id=nic2,mac={mac2},host_mtu=9000,bus=pci.0,addr=0x9 \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
--device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
+-device virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7 \
+-fw_cfg name=opt/vial/name,string=r1 {MONITORS}",
         mac0 = format_mac(nic_mac("r1", 0)),
         mac1 = format_mac(nic_mac("r1", 1)),
         mac2 = format_mac(nic_mac("r1", 2)),
@@ -81,11 +84,12 @@ fn vqfx_profile_argv_has_reserved_nics_and_e1000_without_host_mtu() {
         "qemu-system-x86_64 -name r1,process=qemu-r1 -machine pc -accel tcg -cpu max -m 2048 -smp 1 \
 -nodefaults -no-user-config -display none \
 -drive file=/var/lib/vial/disk0.qcow2,format=qcow2,if=ide,index=0,cache=writeback \
--netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
+-netdev user,id=mgmt,net=10.0.0.0/24,restrict=on,hostname=r1,hostfwd=tcp:127.0.0.1:22-:22,hostfwd=udp:127.0.0.1:161-:161,hostfwd=tcp:127.0.0.1:830-:830,hostfwd=tcp:127.0.0.1:8080-:8080 \
 -device e1000,netdev=mgmt,mac={mac0} -device e1000,mac={r0} -device e1000,mac={r1} \
 -netdev tap,id=data1,fd=7,vhost=on -device e1000,netdev=data1,id=nic1,mac={mac1},bus=pci.0,addr=0x8 \
 -fsdev local,id=lesson,path=/antidote,security_model=none,readonly=on \
--device virtio-9p-pci,fsdev=lesson,mount_tag=antidote {MONITORS}",
+-device virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7 \
+-fw_cfg name=opt/vial/name,string=r1 {MONITORS}",
         mac0 = format_mac(nic_mac("r1", 0)),
         r0 = format_mac(nic_mac("r1", 200)),
         r1 = format_mac(nic_mac("r1", 201)),
@@ -126,4 +130,25 @@ fn macs_are_locally_administered_unicast_stable_and_distinct() {
     macs.sort();
     macs.dedup();
     assert_eq!(macs.len(), names.len());
+}
+
+#[test]
+fn a_restore_starts_paused_for_a_snapshot_without_the_9p_device_but_with_its_fsdev() {
+    let profile = profile("linux");
+    let argv = joined(&profile, &Launch { restore: true, ..launch(Accel::Tcg, 0, Vec::new()) });
+    assert!(argv.contains("-fsdev local,id=lesson,path=/antidote"), "{argv}");
+    assert!(!argv.contains("virtio-9p-pci"), "{argv}");
+    assert!(argv.contains(" -S -incoming defer"), "{argv}");
+    // What the hot-plug adds is what a cold boot has on its command line.
+    let props: Vec<String> = share_device(&profile, "antidote").iter().map(|(k, v)| format!("{k}={v}")).collect();
+    assert_eq!(props.join(","), "driver=virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7");
+}
+
+#[test]
+fn the_9p_device_leaves_its_slot_to_qemu_when_the_devices_before_it_need_slot_7() {
+    let mut profile = profile("linux");
+    profile.reserved_nics = 5;
+    assert!(!share_device(&profile, "antidote").iter().any(|(k, _)| *k == "addr"));
+    profile.reserved_nics = 4;
+    assert!(share_device(&profile, "antidote").iter().any(|(k, v)| *k == "addr" && v == "0x7"));
 }

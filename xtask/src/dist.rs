@@ -43,7 +43,8 @@ pub(crate) fn run() -> Result<PathBuf> {
     let out = dist_dir.join("vial");
     // Copy to a temporary name and rename: copying over a vial that is currently running
     // (e.g. under a test) fails with ETXTBSY, replacing the directory entry does not.
-    let tmp = dist_dir.join(".vial.tmp");
+    // One temporary name per process: tests build images side by side, each running this.
+    let tmp = dist_dir.join(format!(".vial.tmp.{}", std::process::id()));
     fs::copy(&built, &tmp).with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
     fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
 

@@ -118,29 +118,14 @@ impl Container {
     /// `docker run -d` of an endpoint image on `network` with the lesson directory mounted.
     fn run(image: &str, network: &Network, lesson: &Path, extra: &[&str]) -> Container {
         let (name, _) = unique_name("ep");
-        let lesson_mount = format!("{}:/antidote:ro", lesson.display());
-        let mut args = vec![
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--device",
-            "/dev/net/tun",
-            "--cap-add",
-            "NET_ADMIN",
-            "-e",
-            "VIAL_ACCEL=tcg",
-            "-v",
-            &lesson_mount,
-            "--network",
-            &network.name,
-        ];
-        args.extend_from_slice(extra);
-        args.push(image);
+        let mut own = vec!["-e", "VIAL_ACCEL=tcg"];
+        own.extend_from_slice(extra);
+        let run = vial::contract::DockerRun { name: &name, image, network: &network.name, lesson, extra: &own };
+        let args = run.args();
         // The guard exists before `docker run`, so a container that was created but failed
         // to start is removed too.
         let container = Container { name: name.clone(), network: network.name.clone() };
-        docker_ok(&args);
+        docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         container
     }
 
@@ -155,6 +140,13 @@ impl Container {
     }
 
     /// Plugs a data link in, as an orchestrator does after the start (it becomes eth1, ...).
+    /// vial's JSON status, from inside the container.
+    fn status(&self) -> serde_json::Value {
+        let output = docker(&["exec", &self.name, "/vial", "health", "--status"]);
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|err| panic!("no status from {} ({err}):\n{}", self.name, self.logs()))
+    }
+
     fn connect(&self, link: &Network) {
         docker_ok(&["network", "connect", &link.name, &self.name]);
     }
@@ -240,6 +232,7 @@ fn linux_image_becomes_healthy_serves_the_lesson_and_stops_cleanly() {
     let container = Container::run(&image, &network, lesson.path(), &[]);
     let took = container.wait_healthy(BOOT_TIMEOUT);
     println!("linux: container start to healthy in {took:?}");
+    assert_eq!(container.status()["boot"]["from"], "snapshot", "{}", container.logs());
     let addr = container.address();
     let body = wait_until(Duration::from_secs(10), "the lesson file over HTTP", || http_get(addr, 80, "/hello.txt"));
     assert_eq!(body, text);
@@ -260,16 +253,12 @@ fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
     )
     .unwrap();
     let network = Network::new();
-    // vial does not tell the guest its name yet; hand it over fw_cfg, where the image's
-    // vial-lesson-config looks first.
-    let container = Container::run(
-        &image,
-        &network,
-        lesson.path(),
-        &["-e", "VIAL_QEMU_ARGS=-fw_cfg name=opt/vial/name,string=frr1"],
-    );
+    // A cold boot (the OSPF test below starts from the image's snapshot). The endpoint's name
+    // is the container's host name, as a lab tool sets it; vial hands it to the guest.
+    let container = Container::run(&image, &network, lesson.path(), &["--hostname", "frr1", "-e", "VIAL_SNAPSHOT=off"]);
     let took = container.wait_healthy(FRR_BOOT_TIMEOUT);
-    println!("frr: container start to healthy in {took:?}");
+    println!("frr: container start to healthy in {took:?} (cold boot)");
+    assert_eq!(container.status()["boot"]["from"], "cold");
     let addr = container.address();
 
     let (ok, version) = ssh(addr, "sudo vtysh -c 'show version'");
@@ -285,7 +274,7 @@ fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
     // The lesson's frr.conf reached FRR through the 9p share, before FRR started.
     let (ok, config) = ssh(addr, "hostname; sudo vtysh -c 'show running-config'");
     assert!(ok && config.contains("ospf router-id 192.0.2.11"), "the lesson's frr.conf is not running:\n{config}");
-    assert!(config.starts_with("frr1\n"), "the guest did not take its name from fw_cfg:\n{config}");
+    assert!(config.starts_with("frr1\n"), "the guest did not take its name from vial (fw_cfg):\n{config}");
 
     container.stop_cleanly();
 }
@@ -329,9 +318,8 @@ fn two_frr_endpoints_cabled_through_eth1_form_an_ospf_adjacency_from_lesson_file
     let routers: Vec<Container> = ["r1", "r2"]
         .iter()
         .map(|name| {
-            let qemu_args = format!("VIAL_QEMU_ARGS=-fw_cfg name=opt/vial/name,string={name}");
             let router =
-                Container::run(&image, &management, lesson.path(), &["-e", "VIAL_DATA_IFACES=1", "-e", &qemu_args]);
+                Container::run(&image, &management, lesson.path(), &["--hostname", name, "-e", "VIAL_DATA_IFACES=1"]);
             router.connect(&cable);
             router
         })
@@ -339,6 +327,10 @@ fn two_frr_endpoints_cabled_through_eth1_form_an_ospf_adjacency_from_lesson_file
     for router in &routers {
         let took = router.wait_healthy(FRR_BOOT_TIMEOUT);
         println!("{}: healthy after {took:?} more", router.name);
+        // From the image's RAM snapshot: the lesson share and eth1 were hot-plugged after it
+        // loaded, and the guest took its name and frr.conf then.
+        let status = router.status();
+        assert_eq!(status["boot"]["from"], "snapshot", "{status}\n{}", router.logs());
     }
     // Each sees the other, over eth1, with the configuration the lesson directory gave it.
     for (router, neighbor) in routers.iter().zip(["192.0.2.2", "192.0.2.1"]) {

@@ -7,6 +7,8 @@
 pub mod capture;
 /// The endpoint's configuration: the profile file, `VIAL_*` overrides, flags; validation.
 pub mod config;
+/// The endpoint container contract as `docker run` arguments, for tools that start endpoints.
+pub mod contract;
 /// The endpoint's data links over its life: waiting, stitching, hot-plug and unplug.
 pub mod dataplane;
 /// Exit codes of `vial`, as a documented enum mapped by a pure function.

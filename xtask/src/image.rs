@@ -1,4 +1,4 @@
-//! `cargo xtask image <profile> [--tag T] [--push] [--base IMAGE] [--source FILE] [--rebuild]`:
+//! `cargo xtask image <profile> [--tag T] [--push] [--base IMAGE] [--source FILE] [--rebuild] [--no-cache]`:
 //! builds the endpoint image of one profile (Stage 1 of an endpoint image in DESIGN.md).
 //!
 //! Every image is `dockerfiles/<profile>/Dockerfile` built over a staging directory,
@@ -52,6 +52,7 @@ Options:
   --source FILE    the vendor disk image (cumulus: env VIAL_CUMULUS_SOURCE,
                    vqfx: env VIAL_VQFX_SOURCE)
   --rebuild        ignore this command's caches (base image, root filesystem, first boot)
+  --no-cache       ignore Docker's layer cache too (docker build --no-cache)
 
 Environment: VIAL_ACCEL (accelerator of the first boot: tcg, the default, or kvm),
 VIAL_DEBIAN_MIRROR (default http://deb.debian.org/debian).
@@ -72,6 +73,9 @@ pub(crate) struct Options {
     pub source: Option<PathBuf>,
     /// Ignore this command's caches.
     pub rebuild: bool,
+    /// Ignore Docker's layer cache (`docker build --no-cache`), so that a build is cold
+    /// end to end; `cargo xtask bench images` times such builds.
+    pub no_cache: bool,
 }
 
 impl Options {
@@ -88,6 +92,7 @@ impl Options {
                 "--source" => options.source = Some(PathBuf::from(value("--source")?)),
                 "--push" => options.push = true,
                 "--rebuild" => options.rebuild = true,
+                "--no-cache" => options.no_cache = true,
                 flag if flag.starts_with('-') => bail!("unknown option `{flag}`\n\n{HELP}"),
                 name if options.profile.is_empty() => options.profile = name.to_string(),
                 extra => bail!("unexpected argument `{extra}`\n\n{HELP}"),
@@ -239,6 +244,9 @@ pub(crate) fn build(options: &Options) -> Result<String> {
     let mut args = vec!["build".to_string(), "--network".into(), "none".into(), "--tag".into(), tag.clone()];
     for arg in build_args {
         args.extend(["--build-arg".into(), arg]);
+    }
+    if options.no_cache {
+        args.push("--no-cache".into());
     }
     args.push(context.display().to_string());
     let started = Instant::now();
@@ -435,7 +443,7 @@ mod tests {
 
     #[test]
     fn options_parse() {
-        let options = Options::parse(&["frr", "--tag", "r/frr:1", "--push", "--rebuild"]).unwrap();
+        let options = Options::parse(&["frr", "--tag", "r/frr:1", "--push", "--rebuild", "--no-cache"]).unwrap();
         assert_eq!(
             options,
             Options {
@@ -444,7 +452,8 @@ mod tests {
                 push: true,
                 base: None,
                 source: None,
-                rebuild: true
+                rebuild: true,
+                no_cache: true
             }
         );
         assert!(Options::parse(&[]).is_err());

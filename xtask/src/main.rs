@@ -5,6 +5,7 @@
 //! lives in its own module and exposes a `run()` so commands can build on each other.
 
 mod bench;
+mod bench_image;
 mod bench_net;
 mod demo;
 mod dist;
@@ -31,7 +32,12 @@ Commands:
           (cargo build --release --target x86_64-unknown-linux-musl -p vial --bin vial)
   guest   build the `linux` test guest (vmlinuz + initrd.img) into target/guest/linux
           from the host's Debian packages; cached, a no-op when nothing changed
-  bench   what vial costs against QEMU launched directly, as ratios in one run
+  bench   what vial costs, as ratios against baselines measured in the same run; every
+          section in turn, or one: `cargo xtask bench [vm|net|images]`
+            vm      supervisor overhead and time to ready, against QEMU launched directly
+            net     the data plane of each plumbing mode, against a plain veth pair (root)
+            images  image build time, cold against cached, and container start to ready,
+                    cold boot against the RAM snapshot (linux, frr; slow: builds from scratch)
   demo    set up, build, and run one endpoint (vial + the linux guest) in a sandbox;
           Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
   image   build the endpoint image of a profile (linux, frr, cumulus, vqfx) offline,
@@ -70,7 +76,19 @@ fn try_main() -> Result<()> {
         ["guest"] => {
             guest::run()?;
         }
-        ["bench"] => bench::run()?,
+        ["bench"] => {
+            bench::run()?;
+            bench_net::run()?;
+            bench_image::run(&[])?;
+        }
+        ["bench", "vm"] => bench::run()?,
+        // The packages it drives (iperf3, ethtool); `bench vm` installs them when run first.
+        ["bench", "net"] => {
+            setup::run()?;
+            bench_net::run()?;
+        }
+        // Not in the help: `bench images <profile>` limits the section to one profile.
+        ["bench", "images", rest @ ..] => bench_image::run(rest)?,
         ["demo", rest @ ..] => demo::run(rest)?,
         ["image", rest @ ..] => image::run(rest)?,
         ["setup"] => setup::run()?,

@@ -134,3 +134,25 @@ fn forced_kvm_without_kvm() {
     assert_eq!(output.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("VIAL_ACCEL=tcg"), "{stderr}");
 }
+
+#[test]
+fn snapshot_settings_a_user_can_get_wrong() {
+    let dir = TempDir::new("snapcfg");
+    let profile = profile_with(&dir, |t| t);
+    let (code, stderr) = vial(&[("VIAL_PROFILE", &profile), ("VIAL_SNAPSHOT", "yes")], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("VIAL_SNAPSHOT") && stderr.contains("\"yes\"") && stderr.contains("use off"), "{stderr}");
+
+    let (code, stderr) = vial(&[("VIAL_PROFILE", &profile)], &["run", "--snapshot", "snap"]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("--snapshot") && stderr.contains("absolute path"), "{stderr}");
+
+    // `vial snapshot` with nowhere to save: it says so before starting anything.
+    let (code, stderr) = vial(&[("VIAL_PROFILE", &profile), ("VIAL_SNAPSHOT", "off")], &["snapshot"]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("has no [snapshot]") && stderr.contains("VIAL_SNAPSHOT=<directory>"), "{stderr}");
+
+    let (code, stderr) = vial(&[("VIAL_PROFILE", &profile), ("VIAL_NAME", "r 1")], &[]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("VIAL_NAME") && stderr.contains("\"r 1\""), "{stderr}");
+}

@@ -245,6 +245,11 @@ impl Endpoint {
         self.dataplane = Some(dataplane);
 
         let note = match &profile.snapshot {
+            // An image built without running `vial snapshot` (or a test bundle): not a fault.
+            Some(snapshot) if !snapshot.dir.join(vm::snapshot::MANIFEST).is_file() => {
+                tracing::info!(dir = %snapshot.dir.display(), "no snapshot in the profile's snapshot directory; booting cold");
+                Some(format!("snapshot not used: there is none in {}", snapshot.dir.display()))
+            }
             Some(snapshot) => match self.launch_from_snapshot(snapshot, accel, share.clone()).await {
                 Ok((pid, handle, events)) => {
                     self.set_boot("snapshot", None);

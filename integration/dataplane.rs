@@ -117,3 +117,27 @@ fn waiting_for_three_links_when_two_exist_names_the_missing_one() {
     let line = log.lines().find(|l| l.contains("timed out")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("missing eth3") && line.contains("eth1") && line.contains("eth2"), "{line}");
 }
+
+#[test]
+fn a_link_whose_peer_comes_up_later_goes_from_no_carrier_to_up() {
+    let mut sandbox = Sandbox::new("carrier");
+    let peer = Netns::new("carr");
+    veth_between(&sandbox.netns, "eth1", &peer.0, "p1", 1500);
+    // The cable is in, the far end is not up yet: eth1 has no carrier.
+    ip(&["-n", &peer.0, "link", "set", "p1", "down"]);
+    let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1")], "");
+    sandbox.wait_ready();
+    let link_state = |sandbox: &Sandbox| sandbox.status().map(|s| s["links"][0]["state"].clone());
+    assert_eq!(link_state(&sandbox).unwrap(), "no-carrier");
+
+    ip(&["-n", &peer.0, "link", "set", "p1", "up"]);
+    wait_until(Duration::from_secs(30), "the link reported up", || {
+        link_state(&sandbox).filter(|state| state == "up").map(|_| ())
+    });
+    ip(&["-n", &peer.0, "link", "set", "p1", "down"]);
+    wait_until(Duration::from_secs(30), "the link reported without carrier", || {
+        link_state(&sandbox).filter(|state| state == "no-carrier").map(|_| ())
+    });
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
+}

@@ -199,6 +199,23 @@ impl DataPlane {
                     self.drop_stitch(&link.name, "failed").await;
                 }
             }
+            LinkEvent::Carrier { name: link, carrier } => {
+                let Some(slot) = self.slots.iter_mut().find(|s| s.name == link) else { return };
+                let Some(stitch) = slot.stitch.as_ref() else { return };
+                // Carrier back: prove the plumbing again, as at start; gone: say so.
+                slot.state = if carrier {
+                    match plumb::self_check(stitch).await {
+                        Ok(check) => check_state(check),
+                        Err(err) => {
+                            tracing::error!(%link, %err, "self-check after carrier returned failed");
+                            "failed"
+                        }
+                    }
+                } else {
+                    "no-carrier"
+                };
+                tracing::info!(%link, state = slot.state, "link carrier changed");
+            }
             LinkEvent::Removed(gone) => {
                 let Some(slot) = self.slots.iter().find(|s| s.name == gone && s.stitch.is_some()) else { return };
                 let nic = slot.nic;

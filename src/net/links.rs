@@ -36,6 +36,8 @@ pub struct Link {
     pub mac: [u8; 6],
     /// Administratively up (`IFF_UP`).
     pub up: bool,
+    /// Has carrier (`IFF_LOWER_UP`): for a veth, its peer is up.
+    pub carrier: bool,
 }
 
 /// A change in the set of data links, after the watcher started.
@@ -46,6 +48,13 @@ pub enum LinkEvent {
     /// A reported data link is gone (deleted, moved to another namespace, or renamed; a
     /// renamed link that still is a data link comes back as `Added` under its new name).
     Removed(String),
+    /// A reported data link gained or lost its carrier (its peer came up or went down).
+    Carrier {
+        /// The link.
+        name: String,
+        /// Whether it has carrier now.
+        carrier: bool,
+    },
 }
 
 /// Why the data links are not known.
@@ -152,6 +161,7 @@ pub fn link_from_message(message: &LinkMessage) -> Option<Link> {
         mtu: 0,
         mac: [0; 6],
         up: message.header.flags.contains(LinkFlags::Up),
+        carrier: message.header.flags.contains(LinkFlags::LowerUp),
     };
     for attribute in &message.attributes {
         match attribute {
@@ -185,8 +195,9 @@ pub struct LinkWatcher {
     mgmt: String,
     /// Every interface by index, as of the last dump plus events.
     table: BTreeMap<u32, Link>,
-    /// Data links already handed out (by `wait_for` or as `Added`), by index.
-    reported: BTreeMap<u32, String>,
+    /// Data links already handed out (by `wait_for` or as `Added`), by index, with the
+    /// carrier last reported.
+    reported: BTreeMap<u32, (String, bool)>,
     pending: VecDeque<LinkEvent>,
 }
 
@@ -237,7 +248,7 @@ impl LinkWatcher {
             let ready = self.ready();
             if ready.len() >= expected {
                 for link in &ready {
-                    self.reported.insert(link.index, link.name.clone());
+                    self.reported.insert(link.index, (link.name.clone(), link.carrier));
                 }
                 // Whatever was queued is now covered by what this returns.
                 self.pending.clear();
@@ -317,19 +328,26 @@ impl LinkWatcher {
         let gone: Vec<u32> = self
             .reported
             .iter()
-            .filter(|(index, name)| self.table.get(index).is_none_or(|link| &link.name != *name))
+            .filter(|(index, (name, _))| self.table.get(index).is_none_or(|link| &link.name != name))
             .map(|(index, _)| *index)
             .collect();
         for index in gone {
-            if let Some(name) = self.reported.remove(&index) {
+            if let Some((name, _)) = self.reported.remove(&index) {
                 info!(link = %name, "data link gone");
                 self.pending.push_back(LinkEvent::Removed(name));
+            }
+        }
+        for (index, (name, carrier)) in self.reported.iter_mut() {
+            if let Some(link) = self.table.get(index).filter(|link| link.carrier != *carrier) {
+                info!(link = %name, carrier = link.carrier, "data link carrier changed");
+                *carrier = link.carrier;
+                self.pending.push_back(LinkEvent::Carrier { name: name.clone(), carrier: link.carrier });
             }
         }
         for link in self.ready() {
             if let std::collections::btree_map::Entry::Vacant(entry) = self.reported.entry(link.index) {
                 info!(link = %link.name, index = link.index, mtu = link.mtu, "data link added");
-                entry.insert(link.name.clone());
+                entry.insert((link.name.clone(), link.carrier));
                 self.pending.push_back(LinkEvent::Added(link));
             }
         }
@@ -360,7 +378,7 @@ mod tests {
     use super::*;
 
     fn link(name: &str, index: u32) -> Link {
-        Link { name: name.into(), index, mtu: 1500, mac: [2, 0, 0, 0, 0, index as u8], up: true }
+        Link { name: name.into(), index, mtu: 1500, mac: [2, 0, 0, 0, 0, index as u8], up: true, carrier: true }
     }
 
     fn names(links: &[Link]) -> Vec<&str> {

@@ -895,7 +895,7 @@ mod tests {
     use super::*;
 
     fn eth(name: &str, index: u32, mtu: u32) -> Link {
-        Link { name: name.into(), index, mtu, mac: [2, 0, 0, 0, 0, 1], up: true }
+        Link { name: name.into(), index, mtu, mac: [2, 0, 0, 0, 0, 1], up: true, carrier: true }
     }
 
     fn op_names(ops: &[NetOp]) -> Vec<String> {

@@ -8,7 +8,7 @@
 //! data NICs (each endpoint has its own); vial hot-plugs both after the snapshot loads. Its
 //! management forwards listen on loopback, where the readiness probe finds them.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::config::{Config, Probe};
+use crate::config::Config;
 use crate::exit::Outcome;
 use crate::supervisor::{self, SetupFailure};
 use crate::vm::{self, argv::paths, snapshot};
@@ -114,19 +114,7 @@ async fn save(
     let version = handle.execute_raw("query-version", Value::Null).await.map_err(|err| failed(chain(err)))?;
 
     // Ready as the endpoint would be, probed on loopback where QEMU's forwards listen.
-    let ready = async {
-        match &profile.probe {
-            Probe::Tcp { port, send, expect } => {
-                let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, *port);
-                while !supervisor::probe_tcp(target, send, expect).await {
-                    tokio::time::sleep(profile.probe_interval).await;
-                }
-            }
-            Probe::Serial { pattern } => {
-                supervisor::watch_console(&console_log, pattern.as_bytes(), profile.probe_interval).await;
-            }
-        }
-    };
+    let ready = supervisor::wait_ready(&profile.probe, profile.probe_interval, Ipv4Addr::LOCALHOST, &console_log);
     let qemu_gone = wait_exit(pid);
     tokio::select! {
         _ = tokio::time::timeout(READY_TIMEOUT, ready) => {}

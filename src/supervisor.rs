@@ -6,7 +6,7 @@
 //! logged and the loop carries on until QEMU is gone. It never leaves QEMU behind: every path
 //! out of [`run`] goes through the same teardown, and QEMU carries a parent-death signal.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -229,9 +229,11 @@ impl Endpoint {
         }
 
         let share = lesson_dir(&self.config);
-        if share.is_none() {
-            if let Some(share) = &profile.share {
-                tracing::warn!(path = %share.path.display(), "lesson directory not present; the guest gets no 9p share");
+        if let (Some(dir), Some(lesson)) = (&share, &profile.share) {
+            if *dir != lesson.path {
+                tracing::info!(path = %lesson.path.display(), "no lesson directory; the guest gets an empty share");
+                std::fs::create_dir_all(dir)
+                    .map_err(|err| fail(Outcome::SetupFailed, format!("cannot create {}: {err}", dir.display())))?;
             }
         }
 
@@ -602,22 +604,11 @@ impl Endpoint {
         let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
         let console_log = self.run_path(paths::CONSOLE_LOG);
         tokio::spawn(async move {
-            let passed = match probe {
-                Probe::Tcp { port, send, expect } => {
-                    let Some(addr) = mgmt else { return };
-                    let target = SocketAddrV4::new(addr, port);
-                    loop {
-                        if probe_tcp(target, &send, &expect).await {
-                            break true;
-                        }
-                        tokio::time::sleep(interval).await;
-                    }
-                }
-                Probe::Serial { pattern } => watch_console(&console_log, pattern.as_bytes(), interval).await,
-            };
-            if passed {
-                let _ = ready.send(());
-            }
+            // A TCP probe goes through the forward on the management address (a profile with a
+            // TCP probe has forwards, so there is one).
+            let addr = mgmt.unwrap_or(Ipv4Addr::LOCALHOST);
+            wait_ready(&probe, interval, addr, &console_log).await;
+            let _ = ready.send(());
         })
     }
 
@@ -680,6 +671,34 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// How often the console log is read for a readiness text that goes with a TCP probe: the
+/// text usually appears with the port, so a slow poll would only add to the time to ready.
+const CONSOLE_POLL: Duration = Duration::from_millis(50);
+
+/// Returns once the guest passes `probe`: a TCP probe aimed at `addr` (and its console text,
+/// when it has one, in `console_log`), or a console pattern. Retries every `interval`.
+pub(crate) async fn wait_ready(probe: &Probe, interval: Duration, addr: Ipv4Addr, console_log: &Path) {
+    match probe {
+        Probe::Tcp { port, send, expect, console } => {
+            let target = SocketAddrV4::new(addr, *port);
+            let answers = async {
+                while !probe_tcp(target, send, expect).await {
+                    tokio::time::sleep(interval).await;
+                }
+            };
+            let printed = async {
+                if let Some(text) = console {
+                    watch_console(console_log, text.as_bytes(), CONSOLE_POLL.min(interval)).await;
+                }
+            };
+            tokio::join!(answers, printed);
+        }
+        Probe::Serial { pattern } => {
+            watch_console(console_log, pattern.as_bytes(), interval).await;
+        }
+    }
+}
+
 /// One TCP readiness attempt through a forward: connect, send, and require a reply (QEMU's
 /// user networking accepts on the container side before it knows whether the guest listens,
 /// so only bytes from the guest prove it is up).
@@ -708,7 +727,7 @@ pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool
 /// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
 /// a plain file QEMU appends to, and a probe is periodic by nature. Reads only what is new
 /// (a small local read, fine on the supervisor's thread).
-pub(crate) async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
+async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
     use std::io::{Read, Seek, SeekFrom};
     let mut offset = 0u64;
     let mut window: Vec<u8> = Vec::new();
@@ -742,10 +761,16 @@ pub fn dry_run_argv(config: &Config) -> Result<Vec<std::ffi::OsString>, SetupFai
     Ok(vm::qemu_argv(&config.profile, &launch_for(config, accel, disks, lesson_dir(config), 3, Vec::new(), false)))
 }
 
-/// The lesson directory to share, when the profile shares one and it exists.
+/// The directory shared as the lesson, when the profile shares one: the lesson directory, or
+/// an empty one in the run directory when there is none, so that the guest always gets its
+/// share (a guest resumed from a snapshot takes its arrival as the signal to set up).
 pub(crate) fn lesson_dir(config: &Config) -> Option<PathBuf> {
-    config.profile.share.as_ref().filter(|share| share.path.is_dir()).map(|share| share.path.clone())
+    let share = config.profile.share.as_ref()?;
+    Some(if share.path.is_dir() { share.path.clone() } else { config.run_dir.join(EMPTY_LESSON) })
 }
+
+/// The empty directory shared when there is no lesson directory.
+const EMPTY_LESSON: &str = "no-lesson";
 
 /// The runtime inputs of QEMU's argv: the one place they are put together.
 fn launch_for(

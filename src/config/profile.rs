@@ -250,6 +250,10 @@ pub struct ReadinessFile {
     /// For `serial`: the text to wait for on the console.
     #[serde(default)]
     pub pattern: Option<String>,
+    /// For `tcp`: text the guest also prints on the serial console when it is ready, e.g.
+    /// once it applied the lesson (a port can answer before that).
+    #[serde(default)]
+    pub console: Option<String>,
     /// Time between attempts.
     #[serde(default = "default_interval")]
     pub interval: String,
@@ -456,6 +460,8 @@ pub enum Probe {
         send: Vec<u8>,
         /// Required reply prefix.
         expect: Vec<u8>,
+        /// Console text that must also have appeared.
+        console: Option<String>,
     },
     /// Wait for text on the serial console.
     Serial {
@@ -707,10 +713,14 @@ impl ProfileFile {
                         "pattern is for probe = \"serial\"; remove it or change the probe",
                     );
                 }
+                if readiness.console.as_deref() == Some("") {
+                    bad("readiness.console", &"", "give the console text the guest prints when ready, or remove it");
+                }
                 Probe::Tcp {
                     port,
                     send: readiness.send.clone().unwrap_or_default().into_bytes(),
                     expect: readiness.expect.clone().unwrap_or_default().into_bytes(),
+                    console: readiness.console.clone(),
                 }
             }
             "serial" => {
@@ -722,6 +732,7 @@ impl ProfileFile {
                     ("readiness.port", readiness.port.is_some()),
                     ("readiness.send", readiness.send.is_some()),
                     ("readiness.expect", readiness.expect.is_some()),
+                    ("readiness.console", readiness.console.is_some()),
                 ] {
                     if set {
                         bad(field, &"set", "only probe = \"tcp\" uses it; remove it");

@@ -219,3 +219,16 @@ fn a_name_the_guest_cannot_take_is_refused_naming_where_it_came_from() {
     let err = Config::from_file(file, "/p/profile.toml".into(), &Overrides::default(), "").unwrap_err().to_string();
     assert!(err.contains("the hostname"), "{err}");
 }
+
+#[test]
+fn readiness_console_goes_with_a_tcp_probe_and_is_not_empty() {
+    let (mut file, _) = repo_profile("linux");
+    file.readiness.console = Some(String::new());
+    let problems = file.validate().unwrap_err();
+    assert_eq!(problems[0].field, "readiness.console");
+
+    let text = "name = \"x\"\n[machine]\nmemory = \"1G\"\n[readiness]\nprobe = \"serial\"\npattern = \"login:\"\nconsole = \"up\"\n";
+    let problems = ProfileFile::parse(text, "p.toml").unwrap().validate().unwrap_err();
+    let problem = problems.iter().find(|p| p.field == "readiness.console").expect("readiness.console refused");
+    assert!(problem.fix.contains("only probe = \"tcp\""), "{problem:?}");
+}

@@ -445,24 +445,27 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// The real thing: the linux test guest under QEMU. A step whose pattern never appears
-    /// fails the first boot with the step's name and the console's tail, and QEMU is gone.
-    #[test]
-    fn a_step_that_never_sees_its_pattern_fails_with_its_name_and_the_console_tail() {
+    /// A first boot of the linux test guest under TCG with `steps`, working in a fresh
+    /// `target/itest/first-boot-<tag>-<pid>`.
+    fn linux_first_boot<'p>(profile: &'p Profile, tag: &str, steps: Vec<FirstBootStep>) -> FirstBoot<'p> {
         let guest = test_guest();
-        let profile = repo_profile("linux");
-        let work = crate::project_root().join(format!("target/itest/first-boot-fail-{}", std::process::id()));
+        let work = crate::project_root().join(format!("target/itest/first-boot-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
         let mut boot_files = profile.boot.clone().unwrap();
         boot_files.kernel = guest.join("vmlinux");
         boot_files.initrd = Some(guest.join("initrd.img"));
-        let first_boot = FirstBoot {
-            profile: &profile,
-            boot: Some(boot_files),
-            disks: Vec::new(),
-            work: work.clone(),
-            accel: "tcg".into(),
-            steps: vec![
+        FirstBoot { profile, boot: Some(boot_files), disks: Vec::new(), work, accel: "tcg".into(), steps }
+    }
+
+    /// The real thing: the linux test guest under QEMU. A step whose pattern never appears
+    /// fails the first boot with the step's name and the console's tail, and QEMU is gone.
+    #[test]
+    fn a_step_that_never_sees_its_pattern_fails_with_its_name_and_the_console_tail() {
+        let profile = repo_profile("linux");
+        let first_boot = linux_first_boot(
+            &profile,
+            "fail",
+            vec![
                 step(
                     "wait for the guest",
                     "vial-guest: ready",
@@ -472,7 +475,8 @@ mod tests {
                 step("see the marker", "marker-42", None, Duration::from_secs(30)),
                 step("wait for a banner that never comes", "no such banner", None, Duration::from_secs(3)),
             ],
-        };
+        );
+        let work = first_boot.work.clone();
         let started = Instant::now();
         let err = first_boot.run().unwrap_err().to_string();
         assert!(err.contains("step 3/3 `wait for a banner that never comes` did not see"), "{err}");
@@ -489,23 +493,11 @@ mod tests {
     /// The success path on the same guest: the last step powers it off and QEMU exits 0.
     #[test]
     fn steps_that_end_in_poweroff_complete_the_first_boot() {
-        let guest = test_guest();
         let profile = repo_profile("linux");
-        let work = crate::project_root().join(format!("target/itest/first-boot-ok-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&work);
-        let mut boot_files = profile.boot.clone().unwrap();
-        boot_files.kernel = guest.join("vmlinux");
-        boot_files.initrd = Some(guest.join("initrd.img"));
-        let first_boot = FirstBoot {
-            profile: &profile,
-            boot: Some(boot_files),
-            disks: Vec::new(),
-            work: work.clone(),
-            accel: "tcg".into(),
-            steps: vec![step("power off", "vial-guest: ready", Some("poweroff"), Duration::from_secs(120))],
-        };
+        let steps = vec![step("power off", "vial-guest: ready", Some("poweroff"), Duration::from_secs(120))];
+        let first_boot = linux_first_boot(&profile, "ok", steps);
         first_boot.run().unwrap();
-        fs::remove_dir_all(&work).unwrap();
+        fs::remove_dir_all(&first_boot.work).unwrap();
     }
 
     fn wait_gone(needle: &str, started: Instant) {

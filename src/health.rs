@@ -8,6 +8,7 @@
 //! [`Limits`], asks `respond`, and writes the answer. This module never changes the status: it
 //! only reads the supervisor's `watch` channel (and writes a copy of it on request).
 
+use crate::logging::error_chain;
 use crate::state::{Phase, Status};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -649,18 +650,6 @@ pub fn run_check(socket: &Path, check: Check, timeout: Duration) -> (i32, String
 fn status_is_ready(body: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(body)
         .is_ok_and(|status| status.get("state").and_then(|state| state.as_str()) == Some("ready"))
-}
-
-/// The error and each of its sources, joined by `: `, printed once as the style asks.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Where the last status of the supervisor serving `socket` is kept.

@@ -82,41 +82,76 @@ fn a_snapshot_start_resumes_the_guest_and_hot_plugs_the_share_and_the_links() {
     stop_cleanly(&mut sandbox, vial);
 }
 
+/// The backing file of the endpoint's overlay of disk 0 (`qemu-img info`).
+fn overlay_backing(state: &std::path::Path) -> String {
+    let output = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(state.join("disk0.qcow2"))
+        .output()
+        .expect("qemu-img");
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).expect("qemu-img info json");
+    info["backing-filename"].as_str().unwrap_or_default().to_string()
+}
+
+/// Starts vial with `env`, waits until ready, and returns the `boot` status and the backing
+/// file of its disk overlay; then stops it.
+fn start_once(sandbox: &mut Sandbox, env: &[(&str, &str)]) -> (serde_json::Value, String) {
+    let vial = sandbox.start(env, "");
+    sandbox.wait_ready();
+    let boot_status = boot(sandbox);
+    assert_eq!(http_get(sandbox.addr, 80, "/hello.txt").as_deref(), Some("lesson"), "{}", sandbox.log());
+    let backing = overlay_backing(&sandbox.dir.path().join("state"));
+    stop_cleanly(sandbox, vial);
+    (boot_status, backing)
+}
+
 #[test]
 fn a_snapshot_that_does_not_fit_or_does_not_load_gives_a_cold_boot_that_says_why() {
     let mut sandbox = Sandbox::new("snapx");
+    // A disk, so that overlays and the snapshot's disk layer take part (the guest ignores it).
+    let bundle = sandbox.profile.parent().unwrap().to_path_buf();
+    std::fs::write(bundle.join("scratch.raw"), vec![0u8; 1 << 20]).unwrap();
+    let mut profile = std::fs::read_to_string(&sandbox.profile).unwrap();
+    profile.push_str("\n[[disks]]\npath = \"scratch.raw\"\nformat = \"raw\"\ninterface = \"virtio\"\n");
+    std::fs::write(&sandbox.profile, profile).unwrap();
     let dir = capture(&sandbox);
-    std::fs::write(sandbox.lesson.join("hello.txt"), "cold").unwrap();
+    assert!(dir.join("disk0.qcow2").is_file(), "the snapshot keeps the disk's layer");
+    std::fs::write(sandbox.lesson.join("hello.txt"), "lesson").unwrap();
     let state = sandbox.dir.path().join("state");
+    let image_disk = bundle.join("scratch.raw").display().to_string();
+    let layer = dir.join("disk0.qcow2").display().to_string();
 
     // Other memory than the snapshot's: the machine differs, named in the note.
-    let vial = sandbox.start(&[("VIAL_MEMORY", "320M")], "");
-    sandbox.wait_ready();
-    let boot_status = boot(&sandbox);
+    let (boot_status, backing) = start_once(&mut sandbox, &[("VIAL_MEMORY", "320M")]);
     assert_eq!(boot_status["from"], "cold", "{boot_status}");
     let note = boot_status["note"].as_str().unwrap_or_default().to_string();
     assert!(note.contains("`320`") && note.contains("`256`"), "{note}");
-    assert_eq!(wait_until(Duration::from_secs(30), "the lesson", || http_get(sandbox.addr, 80, "/hello.txt")), "cold");
-    stop_cleanly(&mut sandbox, vial);
-    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(backing, image_disk);
+    std::fs::remove_dir_all(&state).unwrap();
 
-    // A damaged state file: QEMU fails to load it and exits; vial boots cold instead.
+    // From the snapshot, the overlay goes over its layer. A restart keeps that overlay (the
+    // guest's disk changed since the snapshot), so the second start boots cold on it.
+    let (boot_status, backing) = start_once(&mut sandbox, &[]);
+    assert_eq!(boot_status["from"], "snapshot", "{boot_status}");
+    assert_eq!(backing, layer);
+    let (boot_status, backing) = start_once(&mut sandbox, &[]);
+    assert_eq!(boot_status["from"], "cold", "{boot_status}");
+    assert!(boot_status["note"].as_str().unwrap_or_default().contains("overlay is kept"), "{boot_status}");
+    assert_eq!(backing, layer, "the kept overlay is used as it is");
+    std::fs::remove_dir_all(&state).unwrap();
+
+    // A damaged state file: QEMU fails to load it and exits; vial removes the overlay it made
+    // over the snapshot's layer and boots cold over the image's disk.
     let vmstate = dir.join("vmstate");
     let len = std::fs::metadata(&vmstate).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&vmstate).unwrap().set_len(len / 2).unwrap();
-    let vial = sandbox.start(&[], "");
-    sandbox.wait_ready();
-    let boot_status = boot(&sandbox);
+    let (boot_status, backing) = start_once(&mut sandbox, &[]);
     assert_eq!(boot_status["from"], "cold", "{boot_status}");
     assert!(boot_status["note"].as_str().unwrap_or_default().contains("loading the snapshot"), "{boot_status}");
-    assert_eq!(wait_until(Duration::from_secs(30), "the lesson", || http_get(sandbox.addr, 80, "/hello.txt")), "cold");
-    stop_cleanly(&mut sandbox, vial);
-    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(backing, image_disk);
+    std::fs::remove_dir_all(&state).unwrap();
 
     // VIAL_SNAPSHOT=off: cold, and no note (nothing was tried).
-    let vial = sandbox.start(&[("VIAL_SNAPSHOT", "off")], "");
-    sandbox.wait_ready();
-    let boot_status = boot(&sandbox);
+    let (boot_status, _) = start_once(&mut sandbox, &[("VIAL_SNAPSHOT", "off")]);
     assert_eq!(boot_status, serde_json::json!({"from": "cold", "note": null}));
-    stop_cleanly(&mut sandbox, vial);
 }

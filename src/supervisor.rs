@@ -314,8 +314,20 @@ impl Endpoint {
             .map_err(|err| format!("cannot open {}: {err}", vmstate_path.display()))?;
 
         let disks = self.overlays(Some(&snapshot.dir)).map_err(|failure| failure.message)?;
-        let started = start_qemu(&self.config, accel, disks, share.clone(), Vec::new(), &[], true)
-            .map_err(|failure| failure.message)?;
+        // The overlays over the snapshot's layers go with any failure from here: the cold boot
+        // makes its own over the image's disks.
+        let remove_overlays = |config: &Config| {
+            for i in 0..config.profile.disks.len() {
+                let _ = std::fs::remove_file(vm::disk::overlay_path(&config.state_dir, i));
+            }
+        };
+        let started = match start_qemu(&self.config, accel, disks, share.clone(), Vec::new(), &[], true) {
+            Ok(started) => started,
+            Err(failure) => {
+                remove_overlays(&self.config);
+                return Err(failure.message);
+            }
+        };
         self.created.extend(started.created);
         let pid = started.pid;
         self.status.send_modify(|status| status.qemu_pid = Some(pid));
@@ -329,9 +341,7 @@ impl Endpoint {
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
                 self.status.send_modify(|status| status.qemu_pid = None);
-                for i in 0..self.config.profile.disks.len() {
-                    let _ = std::fs::remove_file(vm::disk::overlay_path(&self.config.state_dir, i));
-                }
+                remove_overlays(&self.config);
                 Err(reason)
             }
         }

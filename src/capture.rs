@@ -25,8 +25,6 @@ use crate::vm::{self, argv::paths, snapshot};
 const READY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How long saving may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-/// How long QEMU gets to greet on QMP.
-const GREETING_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn fail(outcome: Outcome, message: impl std::fmt::Display) -> SetupFailure {
     SetupFailure { outcome, message: message.to_string() }
@@ -107,21 +105,17 @@ async fn save(
     let chain = |err: crate::qmp::QmpError| crate::logging::error_chain(&err);
 
     let started = Instant::now();
-    let (handle, _events) = tokio::time::timeout(GREETING_TIMEOUT, crate::qmp::connect_unix(control))
-        .await
-        .map_err(|_| failed(format!("qemu did not greet on qmp within {GREETING_TIMEOUT:?}")))?
-        .map_err(|err| failed(format!("qmp: {}", chain(err))))?;
+    let (handle, _events) = supervisor::negotiate(control).await.map_err(failed)?;
     let version = handle.execute_raw("query-version", Value::Null).await.map_err(|err| failed(chain(err)))?;
 
     // Ready as the endpoint would be, probed on loopback where QEMU's forwards listen.
     let ready = supervisor::wait_ready(&profile.probe, profile.probe_interval, Ipv4Addr::LOCALHOST, &console_log);
     let qemu_gone = wait_exit(pid);
     tokio::select! {
-        _ = tokio::time::timeout(READY_TIMEOUT, ready) => {}
+        in_time = tokio::time::timeout(READY_TIMEOUT, ready) => if in_time.is_err() {
+            return Err(failed(format!("the guest was not ready within {READY_TIMEOUT:?}")));
+        },
         () = qemu_gone => return Err(failed("qemu exited before the guest was ready".into())),
-    }
-    if started.elapsed() >= READY_TIMEOUT {
-        return Err(failed(format!("the guest was not ready within {READY_TIMEOUT:?}")));
     }
     let ready_after = started.elapsed();
     tracing::info!(after = ?ready_after, settle = ?target.settle, "guest ready; letting it settle before saving");

@@ -356,10 +356,7 @@ impl Endpoint {
     ) -> Result<(qmp::Qmp, qmp::Events), String> {
         use std::os::fd::AsFd;
         let chain = |err: qmp::QmpError| crate::logging::error_chain(&err);
-        let (handle, events) = tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control))
-            .await
-            .map_err(|_| format!("qemu did not greet on qmp within {QMP_GREETING_TIMEOUT:?}"))?
-            .map_err(chain)?;
+        let (handle, events) = negotiate(control).await?;
         let version =
             vm::snapshot::qemu_version(&handle.execute_raw("query-version", Value::Null).await.map_err(chain)?);
         if version != manifest.qemu {
@@ -403,13 +400,7 @@ impl Endpoint {
         // QMP negotiation runs beside the loop, so signals and QEMU's death are seen while
         // QEMU is still starting.
         let mut negotiation: Negotiation = match monitor {
-            Monitor::Pending(control) => Box::pin(async move {
-                match tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control)).await {
-                    Ok(Ok(connected)) => Ok(connected),
-                    Ok(Err(err)) => Err(format!("qmp negotiation failed: {}", crate::logging::error_chain(&err))),
-                    Err(_) => Err(format!("qemu did not greet on qmp within {QMP_GREETING_TIMEOUT:?}")),
-                }
-            }),
+            Monitor::Pending(control) => Box::pin(negotiate(control)),
             Monitor::Ready(handle, events) => Box::pin(std::future::ready(Ok((handle, events)))),
         };
         let mut negotiating = true;
@@ -681,6 +672,16 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Negotiates QMP on vial's control monitor of a QEMU that just started, waiting for its
+/// greeting up to [`QMP_GREETING_TIMEOUT`]; the error says what went wrong.
+pub(crate) async fn negotiate(control: tokio::net::UnixStream) -> Result<(qmp::Qmp, qmp::Events), String> {
+    match tokio::time::timeout(QMP_GREETING_TIMEOUT, qmp::connect_unix(control)).await {
+        Ok(Ok(connected)) => Ok(connected),
+        Ok(Err(err)) => Err(format!("qmp negotiation failed: {}", crate::logging::error_chain(&err))),
+        Err(_) => Err(format!("qemu did not greet on qmp within {QMP_GREETING_TIMEOUT:?}")),
+    }
+}
+
 /// How often the console log is read for a readiness text that goes with a TCP probe: the
 /// text usually appears with the port, so a slow poll would only add to the time to ready.
 const CONSOLE_POLL: Duration = Duration::from_millis(50);
@@ -737,7 +738,7 @@ pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool
 /// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
 /// a plain file QEMU appends to, and a probe is periodic by nature. Reads only what is new
 /// (a small local read, fine on the supervisor's thread).
-async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
+async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) {
     use std::io::{Read, Seek, SeekFrom};
     let mut offset = 0u64;
     let mut window: Vec<u8> = Vec::new();
@@ -748,7 +749,7 @@ async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) -> bool {
                 offset += fresh.len() as u64;
                 window.extend_from_slice(&fresh);
                 if window.windows(pattern.len()).any(|w| w == pattern) {
-                    return true;
+                    return;
                 }
                 // Keep only what could still be the start of a match.
                 let keep = pattern.len().saturating_sub(1);

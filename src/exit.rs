@@ -1,6 +1,94 @@
 //! Exit codes of `vial`. Setup failures use sysexits(3) numbers; the ways a running VM can end
 //! get small codes of their own; a forced exit on a signal is 128+N, as shells report it.
-//! This module only maps outcomes to numbers; it never exits the process itself.
+//! [`SetupError`] is every way a start can fail before QEMU runs, one variant per module
+//! error; [`SetupError::outcome`] maps each to its [`Outcome`]. This module only maps; it
+//! never exits the process itself.
+
+use std::path::PathBuf;
+
+use crate::health::HealthError;
+use crate::net::dataplane::DataPlaneError;
+use crate::net::links::WaitError;
+use crate::net::MgmtError;
+use crate::vm::accel::KvmUnavailable;
+use crate::vm::disk::OverlayError;
+use crate::vm::qemu::LaunchError;
+use crate::vm::snapshot::save::SaveError;
+
+/// The device every endpoint needs (the README's endpoint contract).
+pub const TUN_DEVICE: &str = "/dev/net/tun";
+
+/// A setup step that failed. Each module's error comes in whole (`#[from]`), so the binary
+/// prints the cause chain once, with every errno.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The async runtime could not be built.
+    #[error("cannot build the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// A directory or file vial makes could not be made.
+    #[error("cannot create {}", path.display())]
+    Create {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The health socket.
+    #[error(transparent)]
+    Health(#[from] HealthError),
+    /// `/dev/net/tun` is missing.
+    #[error("{TUN_DEVICE} is missing: run the container with --device /dev/net/tun (and --cap-add NET_ADMIN)")]
+    TunMissing,
+    /// QEMU could not be found or started.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// KVM was required and is not usable.
+    #[error(transparent)]
+    Accel(#[from] KvmUnavailable),
+    /// The management interface has no address.
+    #[error(transparent)]
+    Mgmt(#[from] MgmtError),
+    /// A management port could not be bound.
+    #[error(transparent)]
+    Forward(#[from] crate::forward::BindError),
+    /// The data links did not come, or could not be stitched.
+    #[error(transparent)]
+    DataPlane(#[from] DataPlaneError),
+    /// A disk overlay could not be made.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    /// `vial snapshot` could not save the guest.
+    #[error(transparent)]
+    Save(#[from] SaveError),
+}
+
+impl SetupError {
+    /// The exit outcome of this failure.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            SetupError::Runtime(_) => Outcome::Internal,
+            SetupError::TunMissing => Outcome::TunMissing,
+            SetupError::Launch(LaunchError::QemuMissing { .. })
+            | SetupError::Overlay(OverlayError::QemuImgMissing)
+            | SetupError::Save(SaveError::Launch(LaunchError::QemuMissing { .. }))
+            | SetupError::Save(SaveError::Overlay(OverlayError::QemuImgMissing)) => Outcome::QemuMissing,
+            SetupError::Accel(_) | SetupError::Save(SaveError::NoTarget { .. }) => Outcome::Config,
+            SetupError::DataPlane(DataPlaneError::Wait(WaitError::Timeout { .. })) => Outcome::InterfacesTimeout,
+            SetupError::Signals(_)
+            | SetupError::Create { .. }
+            | SetupError::Health(_)
+            | SetupError::Launch(_)
+            | SetupError::Mgmt(_)
+            | SetupError::Forward(_)
+            | SetupError::DataPlane(_)
+            | SetupError::Overlay(_)
+            | SetupError::Save(_) => Outcome::SetupFailed,
+        }
+    }
+}
 
 /// How a `vial` run ended. Each variant has exactly one exit code (see [`Outcome::code`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +183,51 @@ mod tests {
         for (outcome, code) in table {
             assert_eq!(outcome.code(), code, "{outcome:?}");
         }
+    }
+
+    #[test]
+    fn setup_error_outcome_table() {
+        use std::time::Duration;
+        let io = || std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        let missing = || LaunchError::QemuMissing { binary: "qemu-system-x86_64".into() };
+        let timeout = WaitError::Timeout {
+            expected: 2,
+            waited: Duration::from_secs(1),
+            missing: vec!["eth2".into()],
+            present: vec!["eth1".into()],
+            mgmt: "eth0".into(),
+        };
+        let table: Vec<(SetupError, Outcome)> = vec![
+            (SetupError::Runtime(io()), Outcome::Internal),
+            (SetupError::Signals(io()), Outcome::SetupFailed),
+            (SetupError::Create { path: "/run/vial".into(), source: io() }, Outcome::SetupFailed),
+            (SetupError::TunMissing, Outcome::TunMissing),
+            (missing().into(), Outcome::QemuMissing),
+            (LaunchError::Spawn { binary: "qemu".into(), source: io() }.into(), Outcome::SetupFailed),
+            (OverlayError::QemuImgMissing.into(), Outcome::QemuMissing),
+            (OverlayError::Create { base: "/d".into(), stderr: "no".into() }.into(), Outcome::SetupFailed),
+            (KvmUnavailable { reason: "no /dev/kvm".into() }.into(), Outcome::Config),
+            (MgmtError::NoAddress { iface: "eth0".into(), present: "none".into() }.into(), Outcome::SetupFailed),
+            (DataPlaneError::Wait(timeout).into(), Outcome::InterfacesTimeout),
+            (DataPlaneError::Wait(WaitError::Closed).into(), Outcome::SetupFailed),
+            (SaveError::NoTarget { profile: "p.toml".into() }.into(), Outcome::Config),
+            (SaveError::Launch(missing()).into(), Outcome::QemuMissing),
+            (SaveError::QemuExited { console: String::new() }.into(), Outcome::SetupFailed),
+        ];
+        for (error, outcome) in table {
+            assert_eq!(error.outcome(), outcome, "{error}");
+        }
+    }
+
+    #[test]
+    fn setup_errors_print_their_cause_once() {
+        let error = SetupError::from(LaunchError::Spawn {
+            binary: "/usr/bin/qemu".into(),
+            source: std::io::Error::from_raw_os_error(nix::libc::EACCES),
+        });
+        let chain = crate::logging::error_chain(&error);
+        assert_eq!(chain.matches("Permission denied").count(), 1, "{chain}");
+        assert!(chain.starts_with("cannot start /usr/bin/qemu: "), "{chain}");
     }
 
     #[test]

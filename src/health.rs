@@ -9,7 +9,7 @@
 //! only reads the supervisor's `watch` channel (and writes a copy of it on request).
 
 use crate::logging::error_chain;
-use crate::state::{Phase, Status};
+use crate::status::{Phase, Status};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -19,11 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
-/// The socket's file name inside the run directory (`/run/vial/health.sock`).
-pub const SOCKET_NAME: &str = "health.sock";
-
-/// The file, next to the socket, in which an exiting supervisor leaves its final status.
-pub const LAST_STATUS_NAME: &str = "last-status.json";
+use crate::rundir::LAST_STATUS as LAST_STATUS_NAME;
 
 /// What a 404 lists, so a person who guessed a path learns the right ones.
 const ROUTES: &str = "/live, /ready, /status";
@@ -692,7 +688,7 @@ pub fn persist_last_status(dir: &Path, status: &Status, now: Instant) -> io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::LinkStatus;
+    use crate::status::LinkStatus;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncRead;
 
@@ -739,7 +735,7 @@ mod tests {
     impl Server {
         fn start(name: &str, limits: Limits, initial: Status) -> Server {
             let dir = TempDir::new(name);
-            let socket = dir.0.join(SOCKET_NAME);
+            let socket = dir.0.join(crate::rundir::HEALTH);
             let listener = bind(&socket).unwrap();
             let (sender, receiver) = watch::channel(initial);
             let task = tokio::spawn(serve_with(listener, receiver, limits));
@@ -1096,7 +1092,7 @@ mod tests {
     async fn clients_that_leave_early_do_not_hurt_the_server() {
         let mut large = status(Phase::Ready, None);
         large.links = (0..20_000)
-            .map(|nic| LinkStatus { interface: format!("eth{nic}"), nic, mode: "tc".into(), state: "up".into() })
+            .map(|nic| LinkStatus { interface: format!("eth{nic}"), nic, mode: "tc".into(), state: crate::status::LinkState::Up })
             .collect();
         // Far more than a socket buffer, so the server is mid-write when the client leaves.
         let size = respond(&Request::new("GET", "/status"), &large, large.started).body.len();
@@ -1178,7 +1174,7 @@ mod tests {
     #[test]
     fn run_check_without_a_supervisor_shows_the_last_status() {
         let dir = TempDir::new("gone");
-        let socket = dir.0.join(SOCKET_NAME);
+        let socket = dir.0.join(crate::rundir::HEALTH);
         let (code, text) = run_check(&socket, Check::Ready, PATIENCE);
         assert_eq!(code, 1);
         assert!(text.contains("the supervisor is not running, or VIAL_RUN_DIR points elsewhere"), "{text}");
@@ -1230,7 +1226,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn bind_replaces_what_an_earlier_run_left() {
         let dir = TempDir::new("bind");
-        let socket = dir.0.join("run").join("vial").join(SOCKET_NAME);
+        let socket = dir.0.join("run").join("vial").join(crate::rundir::HEALTH);
         drop(bind(&socket).unwrap());
         assert!(socket.exists(), "the socket file outlives its listener");
         let last = status(Phase::Failed, Some(KILLED));
@@ -1249,7 +1245,7 @@ mod tests {
     #[test]
     fn query_reports_bad_paths_bad_responses_and_timeouts() {
         let dir = TempDir::new("client");
-        let socket = dir.0.join(SOCKET_NAME);
+        let socket = dir.0.join(crate::rundir::HEALTH);
         for path in ["live", "/live HTTP/1.1\r\nX-Injected: 1", "/a b", ""] {
             assert!(matches!(query(&socket, path, PATIENCE), Err(HealthError::InvalidPath(_))), "{path:?}");
         }

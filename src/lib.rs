@@ -1,37 +1,44 @@
-//! vial: run a virtual network appliance as a well-behaved container.
+//! vial: run virtual network appliances as well-behaved containers, and lessons made of them.
 //!
-//! Code map (one module per kernel or protocol object; the binaries in `src/bin/` only parse,
-//! call and map to an exit code):
+//! Code map. Two programs share this library; `src/bin/*.rs` only parse, call and map to an
+//! exit code. ARCHITECTURE.md tells how a start and a stop flow through these modules.
+//!
+//! **`vial`, PID 1 of an endpoint container** (inside the container only):
+//! `supervisor` drives the endpoint's life from `config` through `net` (its links), `vm` (QEMU,
+//! readiness, snapshots) and `qmp`, and reports through `status` and `health`.
+//!
+//! **`vialctl`, the host companion** (on the Docker host only): `lesson`, the lesson format.
+//!
+//! **Shared**: `exit`, `logging`, `rundir`, `contract`, `sys`.
 
-/// `vial snapshot`: boot the guest once and save it as the image's RAM snapshot.
-pub mod capture;
-/// The endpoint's configuration: the profile file, `VIAL_*` overrides, flags; validation.
+/// The endpoint's configuration: the settings table (`VIAL_*`, flags), the profile, validation.
 pub mod config;
 /// The endpoint container contract as `docker run` arguments, for tools that start endpoints.
 pub mod contract;
-/// The endpoint's data links over its life: waiting, stitching, hot-plug and unplug.
-pub mod dataplane;
-/// Exit codes of `vial`, as a documented enum mapped by a pure function.
+/// Exit codes: every setup failure as one typed error, and outcomes mapped to codes.
 pub mod exit;
 /// Management forwards: relays from the management address to QEMU's loopback `hostfwd`.
 pub mod forward;
 /// The health socket: an HTTP/1.0 responder over a Unix socket, and the `vial health` client.
 pub mod health;
-/// Logging set-up (tracing to stderr).
+/// Logging set-up (tracing to stderr) and error chains.
 pub mod logging;
-/// The container's interfaces: the management address, data-link discovery and waiting, TAP and
-/// macvtap descriptors, and stitching links to VM NICs (tc, bridge, macvtap).
+/// The container's interfaces: the management address, data links (discovery, waiting, TAP and
+/// macvtap descriptors, stitching per plumbing mode, self-checks) and the data plane over the
+/// endpoint's life.
 pub mod net;
-/// The QEMU Machine Protocol client: commands, events and the run state they imply.
+/// The QEMU Machine Protocol client: the wire, commands, events, NIC hot-plug, migration.
 pub mod qmp;
 /// Reaping orphans and the child-subreaper role.
 pub mod reaper;
-/// The endpoint's life cycle and the status that health reports.
-pub mod state;
+/// The run directory's files: the one place that names them.
+pub mod rundir;
+/// The endpoint's life cycle and the status that health reports (serde enums).
+pub mod status;
 /// The supervisor: starts QEMU, watches it, stops it cleanly; the only place that ties it together.
 pub mod supervisor;
 /// Every `unsafe` block of the crate, behind safe wrappers.
 pub mod sys;
-/// The QEMU process: its argv (a pure function), acceleration probing, disk overlays, launch,
-/// RAM snapshots.
+/// The VM: QEMU's argv (pure), accelerator, disk overlays, the QEMU process, readiness, RAM
+/// snapshots (save and restore).
 pub mod vm;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use vial::config::{Config, Key, Overrides};
-use vial::exit::Outcome;
+use vial::config::{Config, Flags, Overrides};
+use vial::exit::{Outcome, SetupError};
 use vial::health::{self, Check};
 
 /// Run a virtual network appliance as a container: QEMU supervised by PID 1.
@@ -32,90 +32,9 @@ enum Command {
     Snapshot(RunArgs),
 }
 
-/// Settings; each also reads its `VIAL_*` variable, and a flag wins over it.
-#[derive(Args, Clone, Default)]
-struct RunArgs {
-    /// Profile file [env: VIAL_PROFILE; default /etc/vial/profile.toml].
-    #[arg(long)]
-    profile: Option<String>,
-    /// auto, kvm or tcg [env: VIAL_ACCEL].
-    #[arg(long)]
-    accel: Option<String>,
-    /// Guest memory, e.g. 2G [env: VIAL_MEMORY].
-    #[arg(long)]
-    memory: Option<String>,
-    /// Virtual CPUs [env: VIAL_VCPUS].
-    #[arg(long)]
-    vcpus: Option<String>,
-    /// Time the guest gets to power off, e.g. 8s [env: VIAL_STOP_TIMEOUT].
-    #[arg(long)]
-    stop_timeout: Option<String>,
-    /// Let the guest connect out through the container: on or off [env: VIAL_EGRESS].
-    #[arg(long)]
-    egress: Option<String>,
-    /// Lesson directory exported over 9p [env: VIAL_LESSON_DIR; default /antidote].
-    #[arg(long)]
-    lesson_dir: Option<String>,
-    /// Socket directory [env: VIAL_RUN_DIR; default /run/vial].
-    #[arg(long)]
-    run_dir: Option<String>,
-    /// Disk overlay directory [env: VIAL_STATE_DIR; default /var/lib/vial].
-    #[arg(long)]
-    state_dir: Option<String>,
-    /// Management interface [env: VIAL_MGMT_IFACE; default eth0].
-    #[arg(long)]
-    mgmt_iface: Option<String>,
-    /// Expected data links [env: VIAL_DATA_IFACES or CLAB_INTFS].
-    #[arg(long)]
-    data_ifaces: Option<String>,
-    /// Data plane: tc, bridge or macvtap [env: VIAL_PLUMBING].
-    #[arg(long)]
-    plumbing: Option<String>,
-    /// How long to wait for the data links, e.g. 120s [env: VIAL_LINK_TIMEOUT].
-    #[arg(long)]
-    link_timeout: Option<String>,
-    /// QEMU binary [env: VIAL_QEMU].
-    #[arg(long)]
-    qemu: Option<String>,
-    /// Extra QEMU arguments, space-separated [env: VIAL_QEMU_ARGS].
-    #[arg(long, allow_hyphen_values = true)]
-    qemu_args: Option<String>,
-    /// Endpoint name, told to the guest [env: VIAL_NAME; default the hostname].
-    #[arg(long)]
-    name: Option<String>,
-    /// Start from the image's RAM snapshot: auto, off, or a snapshot directory [env: VIAL_SNAPSHOT].
-    #[arg(long)]
-    snapshot: Option<String>,
-}
-
-impl RunArgs {
-    fn apply(self, overrides: &mut Overrides) {
-        let flags = [
-            (Key::Profile, self.profile),
-            (Key::Accel, self.accel),
-            (Key::Memory, self.memory),
-            (Key::Vcpus, self.vcpus),
-            (Key::StopTimeout, self.stop_timeout),
-            (Key::Egress, self.egress),
-            (Key::LessonDir, self.lesson_dir),
-            (Key::RunDir, self.run_dir),
-            (Key::StateDir, self.state_dir),
-            (Key::MgmtIface, self.mgmt_iface),
-            (Key::DataIfaces, self.data_ifaces),
-            (Key::Plumbing, self.plumbing),
-            (Key::LinkTimeout, self.link_timeout),
-            (Key::Qemu, self.qemu),
-            (Key::QemuArgs, self.qemu_args),
-            (Key::Name, self.name),
-            (Key::Snapshot, self.snapshot),
-        ];
-        for (key, value) in flags {
-            if let Some(value) = value {
-                overrides.set_flag(key, value);
-            }
-        }
-    }
-}
+/// Settings; each also reads its `VIAL_*` variable, and a flag wins over it (the table is
+/// `vial::config::SETTINGS`).
+type RunArgs = Flags;
 
 #[derive(Args)]
 struct HealthArgs {
@@ -129,7 +48,7 @@ struct HealthArgs {
     #[arg(long, conflicts_with = "ready")]
     status: bool,
     /// Socket directory [env: VIAL_RUN_DIR; default /run/vial].
-    #[arg(long, env = "VIAL_RUN_DIR", default_value = "/run/vial")]
+    #[arg(long, env = "VIAL_RUN_DIR", default_value = vial::rundir::DEFAULT)]
     run_dir: PathBuf,
     /// How long to wait for an answer.
     #[arg(long, default_value_t = 3)]
@@ -155,7 +74,7 @@ fn main() {
                 Check::Ready
             };
             let (code, text) =
-                health::run_check(&args.run_dir.join("health.sock"), check, Duration::from_secs(args.timeout_secs));
+                health::run_check(&args.run_dir.join(vial::rundir::HEALTH), check, Duration::from_secs(args.timeout_secs));
             println!("{}", text.trim_end());
             std::process::exit(code);
         }
@@ -175,7 +94,7 @@ fn load(args: RunArgs) -> Result<Config, i32> {
             return Err(Outcome::Config.code());
         }
     };
-    args.apply(&mut overrides);
+    overrides.set_flags(args);
     let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "vial".into());
     Config::load(&overrides, &hostname).map_err(|err| {
         eprintln!("{err}");
@@ -196,6 +115,12 @@ fn run(args: RunArgs) -> i32 {
     vial::supervisor::run(config).code()
 }
 
+/// Prints a setup failure's whole cause chain once and returns its exit code.
+fn failed(err: SetupError) -> i32 {
+    eprintln!("{}", vial::logging::error_chain(&err));
+    err.outcome().code()
+}
+
 fn print_argv(args: RunArgs) -> i32 {
     let config = match load(args) {
         Ok(config) => config,
@@ -207,10 +132,7 @@ fn print_argv(args: RunArgs) -> i32 {
             println!("{}", words.join(" "));
             0
         }
-        Err(failure) => {
-            eprintln!("{}", failure.message);
-            failure.outcome.code()
-        }
+        Err(err) => failed(err),
     }
 }
 
@@ -220,7 +142,7 @@ fn snapshot(args: RunArgs) -> i32 {
         Err(code) => return code,
     };
     let dir = config.profile.snapshot.as_ref().map(|s| s.dir.display().to_string()).unwrap_or_default();
-    match vial::capture::run(config) {
+    match vial::vm::snapshot::save::run(config) {
         Ok(manifest) => {
             println!(
                 "snapshot saved in {dir}: {} MiB of guest state, QEMU {}",
@@ -229,9 +151,6 @@ fn snapshot(args: RunArgs) -> i32 {
             );
             0
         }
-        Err(failure) => {
-            eprintln!("{}", failure.message);
-            failure.outcome.code()
-        }
+        Err(err) => failed(err),
     }
 }

@@ -7,11 +7,13 @@
 //! the name the user typed (`VIAL_MEMORY`, `--accel`), not the profile field.
 
 pub mod profile;
+pub mod settings;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use profile::SnapshotFile;
+pub use settings::{Flags, Key, SETTINGS};
+use settings::OTHER_VARS;
 pub use profile::{AccelChoice, Forward, Plumbing, Probe, Profile, ProfileFile, Protocol, Snapshot};
 
 /// One thing wrong with the configuration: where, what, and how to fix it.
@@ -49,69 +51,6 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A setting that can come from the environment or a flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Key {
-    /// Path of the profile.
-    Profile,
-    /// `auto|kvm|tcg`.
-    Accel,
-    /// Guest memory.
-    Memory,
-    /// vCPUs.
-    Vcpus,
-    /// Stop timeout.
-    StopTimeout,
-    /// Guest egress through the container.
-    Egress,
-    /// The lesson directory.
-    LessonDir,
-    /// Where the sockets go.
-    RunDir,
-    /// Where disk overlays go.
-    StateDir,
-    /// The management interface.
-    MgmtIface,
-    /// Expected data links.
-    DataIfaces,
-    /// Data plane mode.
-    Plumbing,
-    /// How long to wait for the data links.
-    LinkTimeout,
-    /// QEMU binary.
-    Qemu,
-    /// Extra QEMU arguments (whitespace-separated).
-    QemuArgs,
-    /// The endpoint's name (MAC addresses derive from it; the guest is told it).
-    Name,
-    /// `off`, `auto` or a snapshot directory.
-    Snapshot,
-}
-
-/// Each key with its environment variable and its flag.
-pub const KEYS: &[(Key, &str, &str)] = &[
-    (Key::Profile, "VIAL_PROFILE", "--profile"),
-    (Key::Accel, "VIAL_ACCEL", "--accel"),
-    (Key::Memory, "VIAL_MEMORY", "--memory"),
-    (Key::Vcpus, "VIAL_VCPUS", "--vcpus"),
-    (Key::StopTimeout, "VIAL_STOP_TIMEOUT", "--stop-timeout"),
-    (Key::Egress, "VIAL_EGRESS", "--egress"),
-    (Key::LessonDir, "VIAL_LESSON_DIR", "--lesson-dir"),
-    (Key::RunDir, "VIAL_RUN_DIR", "--run-dir"),
-    (Key::StateDir, "VIAL_STATE_DIR", "--state-dir"),
-    (Key::MgmtIface, "VIAL_MGMT_IFACE", "--mgmt-iface"),
-    (Key::DataIfaces, "VIAL_DATA_IFACES", "--data-ifaces"),
-    (Key::Plumbing, "VIAL_PLUMBING", "--plumbing"),
-    (Key::LinkTimeout, "VIAL_LINK_TIMEOUT", "--link-timeout"),
-    (Key::Qemu, "VIAL_QEMU", "--qemu"),
-    (Key::QemuArgs, "VIAL_QEMU_ARGS", "--qemu-args"),
-    (Key::Name, "VIAL_NAME", "--name"),
-    (Key::Snapshot, "VIAL_SNAPSHOT", "--snapshot"),
-];
-
-/// `VIAL_*` variables that are read elsewhere and are not settings.
-const OTHER_VARS: &[&str] = &["VIAL_LOG"];
-
 /// The default profile location inside an endpoint image.
 pub const DEFAULT_PROFILE: &str = "/etc/vial/profile.toml";
 
@@ -136,15 +75,16 @@ impl Overrides {
             if !name.starts_with("VIAL_") || OTHER_VARS.contains(&name.as_str()) {
                 continue;
             }
-            match KEYS.iter().find(|(_, env, _)| *env == name) {
-                Some((key, _, _)) => overrides.entries.push((*key, value, name)),
+            match SETTINGS.iter().find(|setting| setting.env == name) {
+                Some(setting) => overrides.entries.push((setting.key, value, name)),
                 None => problems.push(Problem {
                     field: name,
                     value,
                     fix: format!(
                         "not a vial setting; known: {}",
-                        KEYS.iter()
-                            .map(|(_, env, _)| *env)
+                        SETTINGS
+                            .iter()
+                            .map(|setting| setting.env)
                             .chain(OTHER_VARS.iter().copied())
                             .collect::<Vec<_>>()
                             .join(", ")
@@ -167,9 +107,16 @@ impl Overrides {
 
     /// Sets `key` from its command-line flag (flags win over the environment).
     pub fn set_flag(&mut self, key: Key, value: String) {
-        let flag = KEYS.iter().find(|(k, _, _)| *k == key).map(|(_, _, flag)| *flag).unwrap_or("flag");
+        let flag = format!("--{}", settings::setting(key).flag);
         self.entries.retain(|(k, _, _)| *k != key);
-        self.entries.push((key, value, flag.to_string()));
+        self.entries.push((key, value, flag));
+    }
+
+    /// Sets every flag of `flags`.
+    pub fn set_flags(&mut self, flags: Flags) {
+        for (key, value) in flags.0 {
+            self.set_flag(key, value);
+        }
     }
 
     /// The value for `key` and where it came from.
@@ -245,66 +192,7 @@ impl Config {
             resolve(&mut snapshot.path);
         }
         // Which profile field each override replaced, so problems name the override.
-        let mut renamed: Vec<(&str, String)> = Vec::new();
-        let mut apply = |key: Key, field: &'static str, file: &mut ProfileFile, problems: &mut Vec<Problem>| {
-            let Some((value, source)) = overrides.get(key) else { return };
-            renamed.push((field, format!("{source} (overrides {field})")));
-            let value = value.to_string();
-            match key {
-                Key::Accel => file.machine.accel = value,
-                Key::Memory => file.machine.memory = value,
-                Key::Qemu => file.machine.qemu = value,
-                Key::StopTimeout => file.stop.timeout = value,
-                Key::Plumbing => file.network.plumbing = value,
-                Key::LinkTimeout => file.network.link_timeout = value,
-                Key::LessonDir => file.share.path = PathBuf::from(value),
-                Key::Snapshot => match value.as_str() {
-                    "off" => file.snapshot = None,
-                    "auto" => {}
-                    path if path.starts_with('/') => {
-                        let settle = file.snapshot.take().map(|s| s.settle).unwrap_or_else(|| "0s".into());
-                        file.snapshot = Some(SnapshotFile { path: PathBuf::from(path), settle });
-                    }
-                    _ => problems.push(Problem {
-                        field: source.into(),
-                        value,
-                        fix: "use off (always boot cold), auto (the profile's snapshot, the default) or the \
-                              absolute path of a snapshot directory"
-                            .into(),
-                    }),
-                },
-                Key::Vcpus => match value.parse() {
-                    Ok(n) => file.machine.vcpus = n,
-                    Err(_) => {
-                        problems.push(Problem { field: source.into(), value, fix: "give a number from 1 to 64".into() })
-                    }
-                },
-                Key::DataIfaces => match value.parse() {
-                    Ok(n) => file.network.data_nics = n,
-                    Err(_) => problems.push(Problem {
-                        field: source.into(),
-                        value,
-                        fix: "give the number of data links, e.g. 2".into(),
-                    }),
-                },
-                Key::Egress => match parse_bool(&value) {
-                    Some(b) => file.network.egress = b,
-                    None => problems.push(Problem { field: source.into(), value, fix: "use on or off".into() }),
-                },
-                _ => {}
-            }
-        };
-        apply(Key::Accel, "machine.accel", &mut file, &mut problems);
-        apply(Key::Memory, "machine.memory", &mut file, &mut problems);
-        apply(Key::Qemu, "machine.qemu", &mut file, &mut problems);
-        apply(Key::Vcpus, "machine.vcpus", &mut file, &mut problems);
-        apply(Key::StopTimeout, "stop.timeout", &mut file, &mut problems);
-        apply(Key::Plumbing, "network.plumbing", &mut file, &mut problems);
-        apply(Key::LinkTimeout, "network.link_timeout", &mut file, &mut problems);
-        apply(Key::DataIfaces, "network.data_nics", &mut file, &mut problems);
-        apply(Key::Egress, "network.egress", &mut file, &mut problems);
-        apply(Key::LessonDir, "share.path", &mut file, &mut problems);
-        apply(Key::Snapshot, "snapshot.path", &mut file, &mut problems);
+        let renamed = settings::apply(&mut file, overrides, &mut problems);
 
         let profile = match file.validate() {
             Ok(profile) => Some(profile),
@@ -331,12 +219,13 @@ impl Config {
             }
             path
         };
-        let run_dir = path_setting(Key::RunDir, "/run/vial", &mut problems);
+        let run_dir = path_setting(Key::RunDir, crate::rundir::DEFAULT, &mut problems);
         let state_dir = path_setting(Key::StateDir, "/var/lib/vial", &mut problems);
-        let mgmt_iface = overrides.get(Key::MgmtIface).map(|(v, _)| v).unwrap_or("eth0").to_string();
+        let (mgmt_iface, mgmt_source) = overrides.get(Key::MgmtIface).unwrap_or(("eth0", "default"));
+        let mgmt_iface = mgmt_iface.to_string();
         if mgmt_iface.is_empty() || mgmt_iface.len() > 15 || mgmt_iface.contains(['/', ' ']) {
             problems.push(Problem {
-                field: "VIAL_MGMT_IFACE".into(),
+                field: mgmt_source.into(),
                 value: mgmt_iface.clone(),
                 fix: "give an interface name of 1 to 15 characters".into(),
             });
@@ -400,7 +289,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     }
 }
 
-fn parse_bool(text: &str) -> Option<bool> {
+pub(crate) fn parse_bool(text: &str) -> Option<bool> {
     match text.to_ascii_lowercase().as_str() {
         "1" | "on" | "true" | "yes" => Some(true),
         "0" | "off" | "false" | "no" => Some(false),

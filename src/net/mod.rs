@@ -12,6 +12,8 @@
 pub mod links;
 /// Stitching a data link to a VM NIC: plans per plumbing mode and their executor.
 pub mod plumb;
+/// The data links over the endpoint's life: waiting, stitching, hot-plug and unplug.
+pub mod dataplane;
 /// TAP, macvtap and vhost-net descriptors.
 pub mod tap;
 

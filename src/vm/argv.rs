@@ -6,8 +6,10 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
+use super::device::Device;
 use super::Accel;
 use crate::config::Profile;
+use crate::rundir;
 
 /// Runtime inputs that the profile cannot know.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,20 +64,6 @@ pub struct DataNic {
     pub vhost: bool,
 }
 
-/// File names under the run directory.
-pub mod paths {
-    /// QEMU's public QMP socket, for people and tools.
-    pub const QMP: &str = "qmp.sock";
-    /// `vial`'s own QMP socket (the listener is handed to QEMU as a descriptor).
-    pub const CONTROL: &str = "vial-qmp.sock";
-    /// The serial console (a socket to attach to).
-    pub const CONSOLE: &str = "console.sock";
-    /// Everything the serial console printed.
-    pub const CONSOLE_LOG: &str = "console.log";
-    /// The health socket.
-    pub const HEALTH: &str = "health.sock";
-}
-
 /// A stable, locally administered MAC for NIC `index` (0 = management) of endpoint `name`:
 /// `02` then 32 bits of FNV-1a over the name, then the index. Endpoints with different names
 /// get different MACs (up to hash collisions, one in four billion per pair), and a restart
@@ -105,15 +93,18 @@ pub fn data_nic_slot(machine_type: &str, index: u32) -> Option<u32> {
     (pc && (1..=24).contains(&index)).then_some(0x07 + index)
 }
 
-/// The `-device` value of data NIC `index` (also what a hot-plug adds).
-pub fn data_nic_device(profile: &Profile, name: &str, index: u32, mtu: u32) -> String {
-    let mut device =
-        format!("{},netdev=data{index},id=nic{index},mac={}", profile.nic_model, format_mac(nic_mac(name, index)));
+/// Data NIC `index` of endpoint `name` on a link of `mtu`: the `-device` of a cold boot and
+/// what a hot-plug adds, alike.
+pub fn data_nic_device(profile: &Profile, name: &str, index: u32, mtu: u32) -> Device {
+    let mut device = Device::new(profile.nic_model.as_str())
+        .with("netdev", format!("data{index}"))
+        .with("id", format!("nic{index}"))
+        .with("mac", format_mac(nic_mac(name, index)));
     if profile.nic_model == "virtio-net-pci" && mtu != 1500 {
-        device.push_str(&format!(",host_mtu={mtu}"));
+        device = device.with("host_mtu", mtu);
     }
     if let Some(slot) = data_nic_slot(&profile.machine_type, index) {
-        device.push_str(&format!(",bus=pci.0,addr={slot:#x}"));
+        device = device.with("bus", "pci.0").with("addr", format!("{slot:#x}"));
     }
     device
 }
@@ -127,23 +118,21 @@ pub const SHARE_DEVICE_ID: &str = "share";
 /// The id of the lesson directory's `-fsdev`.
 pub const SHARE_FSDEV_ID: &str = "lesson";
 
-/// The 9p device's properties, for `-device` and for `device_add` alike. On `pc` it sits at
-/// slot 7, just below the data NICs, when the slots QEMU assigns before it (virtio and SCSI
-/// disks, the management NIC, reserved NICs from slot 2) leave it free; a device hot-plugged
-/// after a snapshot loads then lands where it is at a cold boot.
-pub fn share_device(profile: &Profile, tag: &str) -> Vec<(&'static str, String)> {
-    let mut props = vec![
-        ("driver", "virtio-9p-pci".to_string()),
-        ("id", SHARE_DEVICE_ID.to_string()),
-        ("fsdev", SHARE_FSDEV_ID.to_string()),
-        ("mount_tag", tag.to_string()),
-    ];
+/// The 9p device, for `-device` and for `device_add` alike. On `pc` it sits at slot 7, just
+/// below the data NICs, when the slots QEMU assigns before it (virtio and SCSI disks, the
+/// management NIC, reserved NICs from slot 2) leave it free; a device hot-plugged after a
+/// snapshot loads then lands where it is at a cold boot.
+pub fn share_device(profile: &Profile, tag: &str) -> Device {
+    let mut device = Device::new("virtio-9p-pci")
+        .with("id", SHARE_DEVICE_ID)
+        .with("fsdev", SHARE_FSDEV_ID)
+        .with("mount_tag", tag);
     let pc = profile.machine_type == "pc" || profile.machine_type.starts_with("pc-");
     let before = profile.disks.iter().filter(|d| d.interface != "ide").count() + 1 + profile.reserved_nics as usize;
     if pc && before <= 5 {
-        props.extend([("bus", "pci.0".to_string()), ("addr", "0x7".to_string())]);
+        device = device.with("bus", "pci.0").with("addr", "0x7");
     }
-    props
+    device
 }
 
 /// The CPU model for the accelerator: `host` exists only under KVM, so TCG gets `max`.
@@ -225,17 +214,14 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
             NicBackend::TapFd { fd } => format!("tap,id={id},fd={fd}{vhost}"),
         };
         push(&["-netdev", &backend]);
-        push(&["-device", &data_nic_device(profile, &launch.name, nic.index, nic.mtu)]);
+        push(&["-device", &data_nic_device(profile, &launch.name, nic.index, nic.mtu).to_arg()]);
     }
 
     if let (Some(share), Some(dir)) = (&profile.share, &launch.share) {
         let readonly = if share.read_only { ",readonly=on" } else { "" };
         push(&["-fsdev", &format!("local,id={SHARE_FSDEV_ID},path={},security_model=none{readonly}", path_str(dir))]);
         if !launch.restore {
-            let props = share_device(profile, &share.tag);
-            let (driver, rest) = props.split_first().expect("the driver comes first");
-            let rest: Vec<String> = rest.iter().map(|(key, value)| format!("{key}={value}")).collect();
-            push(&["-device", &format!("{},{}", driver.1, rest.join(","))]);
+            push(&["-device", &share_device(profile, &share.tag).to_arg()]);
         }
     }
     // The endpoint's name, for guests that read it before they have a network (and after a
@@ -247,8 +233,8 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
         "-chardev",
         &format!(
             "socket,id=console,path={},server=on,wait=off,logfile={}",
-            run(paths::CONSOLE),
-            run(paths::CONSOLE_LOG)
+            run(rundir::CONSOLE),
+            run(rundir::CONSOLE_LOG)
         ),
     ]);
     push(&["-serial", "chardev:console"]);
@@ -257,7 +243,7 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-chardev", &format!("socket,id=control,fd={},server=on,wait=off", launch.control_fd)]);
     push(&["-mon", "chardev=control,mode=control"]);
     // A second monitor for people and tools, so they never take vial's.
-    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(paths::QMP))]);
+    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(rundir::QMP))]);
     push(&["-mon", "chardev=qmp,mode=control"]);
 
     if launch.restore {

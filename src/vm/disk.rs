@@ -2,6 +2,11 @@
 //! overlay in the state directory whose backing file is the image's disk. An overlay left by
 //! an earlier run of the same container (`docker restart`) is kept, so the appliance keeps
 //! its configuration across restarts the way a real box does; a new container starts fresh.
+//!
+//! A RAM snapshot's disk layers are overlays too, made the same way in the snapshot's
+//! directory while the guest that was saved ran: a layer has the file name of the overlay of
+//! the same disk ([`overlay_path`] names both), and an endpoint that starts from a snapshot
+//! puts its overlays over the layers instead of the image's disks ([`Base::Layers`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,9 +38,30 @@ pub enum OverlayError {
     },
 }
 
-/// The overlay path for disk `index`.
-pub fn overlay_path(state_dir: &Path, index: usize) -> PathBuf {
-    state_dir.join(format!("disk{index}.qcow2"))
+/// The overlay (or snapshot layer) of disk `index` in directory `dir`.
+pub fn overlay_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("disk{index}.qcow2"))
+}
+
+/// What a new overlay goes over.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    /// The image's disks, as the profile names them.
+    Image,
+    /// The layers of the snapshot in this directory.
+    Layers(&'a Path),
+}
+
+/// Removes the overlay (or layer) of every disk in `dir`; a missing one is fine.
+pub fn remove_all(disks: &[Disk], dir: &Path) {
+    for i in 0..disks.len() {
+        let path = overlay_path(dir, i);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(overlay = %path.display(), "overlay removed"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(overlay = %path.display(), %err, "cannot remove overlay"),
+        }
+    }
 }
 
 /// The `qemu-img` arguments that create an overlay at `overlay` over `base` in `format` (pure).
@@ -60,11 +86,10 @@ pub fn has_overlays(disks: &[Disk], state_dir: &Path) -> bool {
     (0..disks.len()).any(|i| overlay_path(state_dir, i).exists())
 }
 
-/// Creates (or keeps) an overlay for every disk and returns their paths in order. Each goes
-/// over the image's disk, or over the snapshot's layer of it when `layers` names a snapshot
-/// directory. Runs before QEMU starts, while no reaper owns `waitpid`, so a plain
-/// `Command::output` is safe.
-pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, layers: Option<&Path>) -> Result<Vec<PathBuf>, OverlayError> {
+/// Creates (or keeps) an overlay for every disk in `state_dir` and returns their paths in
+/// order, each over `base`. Runs before QEMU starts, while no reaper owns `waitpid`, so a
+/// plain `Command::output` is safe.
+pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, base: Base<'_>) -> Result<Vec<PathBuf>, OverlayError> {
     if disks.is_empty() {
         return Ok(Vec::new());
     }
@@ -76,9 +101,9 @@ pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, layers: Option<&Path>)
             tracing::info!(overlay = %overlay.display(), "keeping the overlay of an earlier run");
         } else {
             tracing::debug!(base = %disk.path.display(), overlay = %overlay.display(), "creating overlay");
-            let args = match layers {
-                Some(dir) => overlay_args(&super::snapshot::disk_layer(dir, i), "qcow2", &overlay),
-                None => overlay_args(&disk.path, &disk.format, &overlay),
+            let args = match base {
+                Base::Layers(dir) => overlay_args(&overlay_path(dir, i), "qcow2", &overlay),
+                Base::Image => overlay_args(&disk.path, &disk.format, &overlay),
             };
             let output = Command::new("qemu-img").args(args).output().map_err(|err| match err.kind() {
                 std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
@@ -114,11 +139,13 @@ mod tests {
         std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
         let before = std::fs::metadata(&base).unwrap().modified().unwrap();
         let disk = Disk { path: base.clone(), format: "raw".into(), interface: "virtio".into() };
-        let overlays = prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"), None)
+        let overlays = prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"), Base::Image)
             .expect("qemu-img must be installed (qemu-utils)");
         assert!(overlays[0].is_file());
         // A second run keeps the first run's overlay.
-        assert_eq!(prepare_overlays(&[disk], &dir.join("state"), None).unwrap(), overlays);
+        assert_eq!(prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"), Base::Image).unwrap(), overlays);
+        remove_all(std::slice::from_ref(&disk), &dir.join("state"));
+        assert!(!overlays[0].exists());
         assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), before);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -1,11 +1,14 @@
-//! The QEMU process: its argv (a pure function of the validated profile and the runtime
-//! inputs), the choice of accelerator, the disk overlays, and the launch itself. This module
-//! never talks QMP and never decides when to stop the VM (that is the supervisor's job).
+//! The VM: QEMU's argv (a pure function of the validated profile and the runtime inputs), the
+//! choice of accelerator, the disk overlays, the QEMU process, readiness, and RAM snapshots.
+//! Only `snapshot` talks QMP (to save and load a guest); nothing here decides when to stop the
+//! VM (that is the supervisor's job).
 
 pub mod accel;
 pub mod argv;
+pub mod device;
 pub mod disk;
-pub mod launch;
+pub mod qemu;
+pub mod readiness;
 pub mod snapshot;
 
 pub use accel::{resolve_accel, Accel};

@@ -294,7 +294,7 @@ fn measure_start(
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let started = Instant::now();
     let container = Container::run(image, network, lesson, run_dir, start.args())?;
-    let socket = run_dir.join(vial::health::SOCKET_NAME);
+    let socket = run_dir.join(vial::rundir::HEALTH);
     let ready = wait_ready(&container, &socket, started, interrupted)?;
     let boot = boot_field(&socket);
 

@@ -140,15 +140,17 @@ fn a_restore_starts_paused_for_a_snapshot_without_the_9p_device_but_with_its_fsd
     assert!(!argv.contains("virtio-9p-pci"), "{argv}");
     assert!(argv.contains(" -S -incoming defer"), "{argv}");
     // What the hot-plug adds is what a cold boot has on its command line.
-    let props: Vec<String> = share_device(&profile, "antidote").iter().map(|(k, v)| format!("{k}={v}")).collect();
-    assert_eq!(props.join(","), "driver=virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7");
+    let device = share_device(&profile, "antidote").to_arg();
+    assert_eq!(device, "virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7");
+    let cold = joined(&profile, &launch(Accel::Tcg, 0, Vec::new()));
+    assert!(cold.contains(&format!("-device {device} ")), "{cold}");
 }
 
 #[test]
 fn the_9p_device_leaves_its_slot_to_qemu_when_the_devices_before_it_need_slot_7() {
     let mut profile = profile("linux");
     profile.reserved_nics = 5;
-    assert!(!share_device(&profile, "antidote").iter().any(|(k, _)| *k == "addr"));
+    assert_eq!(share_device(&profile, "antidote").prop("addr"), None);
     profile.reserved_nics = 4;
-    assert!(share_device(&profile, "antidote").iter().any(|(k, v)| *k == "addr" && v == "0x7"));
+    assert_eq!(share_device(&profile, "antidote").prop("addr"), Some(&"0x7".into()));
 }

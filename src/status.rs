@@ -1,5 +1,6 @@
-//! The endpoint's life cycle (the states DESIGN.md names) and the status snapshot that the
-//! health socket serves. Plain data: this module never does I/O.
+//! The endpoint's life cycle and the status snapshot that the health socket serves (the
+//! README's "Health" names the states). Plain data, every state a serde enum with the name it
+//! has on the wire: this module never does I/O.
 
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -61,6 +62,22 @@ pub struct ForwardStatus {
     pub guest_port: u16,
 }
 
+/// Where one data link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// Stitched, not proven yet.
+    Unchecked,
+    /// Stitched and proven to carry frames by the self-check.
+    Up,
+    /// Stitched, but the link has no carrier (its peer is down): proven again when it returns.
+    NoCarrier,
+    /// Stitching, plugging or the self-check failed.
+    Failed,
+    /// The link is gone (its NIC was unplugged; it is plugged again if the link returns).
+    Missing,
+}
+
 /// One data link between a container interface and a VM NIC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LinkStatus {
@@ -70,20 +87,30 @@ pub struct LinkStatus {
     pub nic: u32,
     /// The plumbing mode (`tc`, `bridge`, `macvtap`).
     pub mode: String,
-    /// `up`, `down`, `missing`.
-    pub state: String,
+    /// Where it stands.
+    pub state: LinkState,
 }
 
-/// A snapshot of everything health reports. The supervisor owns the only writer.
+/// What the guest was started from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootFrom {
+    /// A cold boot.
+    Cold,
+    /// The image's RAM snapshot was loaded.
+    Snapshot,
+}
+
 /// How the guest was started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BootStatus {
-    /// `snapshot` (the image's RAM snapshot was loaded) or `cold`.
-    pub from: String,
+    /// Cold or from the snapshot.
+    pub from: BootFrom,
     /// Why a profile's snapshot was not used, when it was not.
     pub note: Option<String>,
 }
 
+/// A snapshot of everything health reports. The supervisor owns the only writer.
 #[derive(Debug, Clone)]
 pub struct Status {
     /// The profile's name.
@@ -175,5 +202,21 @@ mod tests {
             assert!(json.get(key).is_some(), "missing {key}");
         }
         assert_eq!(json["state"], "starting");
+    }
+
+    #[test]
+    fn link_states_and_boot_sources_have_their_wire_names() {
+        let names = [
+            (LinkState::Unchecked, "unchecked"),
+            (LinkState::Up, "up"),
+            (LinkState::NoCarrier, "no-carrier"),
+            (LinkState::Failed, "failed"),
+            (LinkState::Missing, "missing"),
+        ];
+        for (state, name) in names {
+            assert_eq!(serde_json::to_value(state).unwrap(), serde_json::json!(name));
+        }
+        assert_eq!(serde_json::to_value(BootFrom::Snapshot).unwrap(), serde_json::json!("snapshot"));
+        assert_eq!(serde_json::to_value(BootFrom::Cold).unwrap(), serde_json::json!("cold"));
     }
 }

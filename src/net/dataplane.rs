@@ -16,8 +16,8 @@ use crate::config::{Plumbing, Profile};
 use crate::net::links::{Link, LinkEvent, LinkWatcher, WaitError};
 use crate::net::plumb::{self, PlumbError, SelfCheck, Stitch};
 use crate::qmp::{HotplugNic, Qmp};
-use crate::state::LinkStatus;
-use crate::vm::argv::{data_nic_slot, format_mac, nic_mac, DataNic};
+use crate::status::{LinkState, LinkStatus};
+use crate::vm::argv::{data_nic_device, DataNic};
 
 /// How long an unplugged NIC's guest gets to release it.
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,7 +32,7 @@ pub enum DataPlaneError {
     #[error(transparent)]
     Wait(#[from] WaitError),
     /// A link could not be stitched.
-    #[error("cannot stitch {link} to NIC {nic}: {source}")]
+    #[error("cannot stitch {link} to NIC {nic}")]
     Stitch {
         /// The link.
         link: String,
@@ -41,8 +41,16 @@ pub enum DataPlaneError {
         /// Why.
         source: PlumbError,
     },
+    /// A link's descriptor could not be duplicated for QEMU.
+    #[error("cannot duplicate the descriptors of {link} for qemu")]
+    Duplicate {
+        /// The link.
+        link: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A stitched link does not carry frames.
-    #[error("self-check of {link} failed: {source}; health stays red rather than report a dead link as ready")]
+    #[error("self-check of {link} failed (health stays red rather than report a dead link as ready)")]
     SelfCheck {
         /// The link.
         link: String,
@@ -56,7 +64,7 @@ struct Slot {
     nic: u32,
     name: String,
     stitch: Option<Stitch>,
-    state: &'static str,
+    state: LinkState,
 }
 
 /// The data links of one endpoint.
@@ -68,10 +76,10 @@ pub struct DataPlane {
 }
 
 /// The health state of a checked link.
-fn check_state(check: SelfCheck) -> &'static str {
+fn check_state(check: SelfCheck) -> LinkState {
     match check {
-        SelfCheck::Passed => "up",
-        SelfCheck::NoCarrier => "no-carrier",
+        SelfCheck::Passed => LinkState::Up,
+        SelfCheck::NoCarrier => LinkState::NoCarrier,
     }
 }
 
@@ -127,7 +135,7 @@ impl DataPlane {
             .await
             .map_err(|source| DataPlaneError::Stitch { link: link.name.clone(), nic, source })?;
         tracing::info!(link = %link.name, nic, mode = self.mode.as_str(), "link stitched");
-        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state: "unchecked" };
+        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state: LinkState::Unchecked };
         match self.slots.iter().position(|s| s.name == link.name) {
             Some(i) => self.slots[i] = slot,
             None => {
@@ -159,7 +167,7 @@ impl DataPlane {
                 interface: s.name.clone(),
                 nic: s.nic,
                 mode: self.mode.as_str().into(),
-                state: s.state.into(),
+                state: s.state,
             })
             .collect()
     }
@@ -190,13 +198,13 @@ impl DataPlane {
                     Ok(check) => slot.state = check_state(check),
                     Err(err) => {
                         tracing::error!(link = %link.name, %err, "self-check of a late link failed; not plugging it");
-                        self.drop_stitch(&link.name, "failed").await;
+                        self.drop_stitch(&link.name, LinkState::Failed).await;
                         return;
                     }
                 }
                 if let Err(err) = self.plug(&link.name, qmp, profile, name).await {
                     tracing::error!(link = %link.name, nic, %err, "hot-plug failed");
-                    self.drop_stitch(&link.name, "failed").await;
+                    self.drop_stitch(&link.name, LinkState::Failed).await;
                 }
             }
             LinkEvent::Carrier { name: link, carrier } => {
@@ -208,13 +216,13 @@ impl DataPlane {
                         Ok(check) => check_state(check),
                         Err(err) => {
                             tracing::error!(%link, %err, "self-check after carrier returned failed");
-                            "failed"
+                            LinkState::Failed
                         }
                     }
                 } else {
-                    "no-carrier"
+                    LinkState::NoCarrier
                 };
-                tracing::info!(%link, state = slot.state, "link carrier changed");
+                tracing::info!(%link, state = ?slot.state, "link carrier changed");
             }
             LinkEvent::Removed(gone) => {
                 let Some(slot) = self.slots.iter().find(|s| s.name == gone && s.stitch.is_some()) else { return };
@@ -222,50 +230,43 @@ impl DataPlane {
                 if let Err(err) = qmp.unplug_nic(&format!("nic{nic}"), &format!("data{nic}"), UNPLUG_TIMEOUT).await {
                     tracing::warn!(link = %gone, nic, %err, "unplug did not complete");
                 }
-                self.drop_stitch(&gone, "missing").await;
+                self.drop_stitch(&gone, LinkState::Missing).await;
                 tracing::info!(link = %gone, nic, "link gone; NIC unplugged (it is plugged again if the link returns)");
             }
         }
     }
 
-    /// Hot-plugs every stitched link into the VM, in NIC order: after a RAM snapshot loads,
-    /// whose machine had no data NICs. Stops at the first failure.
-    pub async fn plug_all(&self, qmp: &Qmp, profile: &Profile, name: &str) -> Result<(), String> {
-        for slot in self.slots.iter().filter(|s| s.stitch.is_some()) {
-            self.plug(&slot.name, qmp, profile, name).await.map_err(|err| format!("{}: {err}", slot.name))?;
-        }
-        Ok(())
+    /// The hot-plug of every stitched link, in NIC order: what a RAM snapshot's start plugs in
+    /// before the guest resumes (its machine had no data NICs).
+    pub fn hotplug_nics(&self, profile: &Profile, name: &str) -> Result<Vec<HotplugNic>, DataPlaneError> {
+        self.slots.iter().filter(|s| s.stitch.is_some()).map(|slot| self.hotplug_nic(slot, profile, name)).collect()
+    }
+
+    /// The hot-plug of one stitched link: the device a cold boot has in its slot, on duplicates
+    /// of the link's descriptors.
+    fn hotplug_nic(&self, slot: &Slot, profile: &Profile, name: &str) -> Result<HotplugNic, DataPlaneError> {
+        let stitch = slot.stitch.as_ref().expect("only stitched slots are plugged");
+        let duplicate = |source| DataPlaneError::Duplicate { link: slot.name.clone(), source };
+        let fd = stitch.fd.as_fd().try_clone_to_owned().map_err(duplicate)?;
+        let vhost_fd = match &stitch.vhost {
+            Some(vhost) => Some(vhost.try_clone().map_err(duplicate)?),
+            None => None,
+        };
+        let nic = slot.nic;
+        let device = data_nic_device(profile, name, nic, stitch.data_nic().mtu);
+        Ok(HotplugNic { id: format!("data{nic}"), device, fd, vhost_fd })
     }
 
     /// Hot-plugs the stitched link `link` into the slot it has at boot.
     async fn plug(&self, link: &str, qmp: &Qmp, profile: &Profile, name: &str) -> Result<(), String> {
-        let slot = self.slots.iter().find(|s| s.name == link).ok_or("not a data link")?;
-        let stitch = slot.stitch.as_ref().ok_or("not stitched")?;
-        let nic = slot.nic;
-        let mtu = stitch.data_nic().mtu;
-        let fd = stitch.fd.as_fd().try_clone_to_owned().map_err(|err| format!("duplicating the tap: {err}"))?;
-        let vhost_fd = match &stitch.vhost {
-            Some(vhost) => Some(vhost.try_clone().map_err(|err| format!("duplicating vhost-net: {err}"))?),
-            None => None,
-        };
-        let slot_addr = data_nic_slot(&profile.machine_type, nic);
-        let hotplug = HotplugNic {
-            id: format!("data{nic}"),
-            device_id: format!("nic{nic}"),
-            driver: profile.nic_model.clone(),
-            mac: format_mac(nic_mac(name, nic)),
-            host_mtu: (profile.nic_model == "virtio-net-pci" && mtu != 1500).then_some(mtu),
-            fd,
-            vhost_fd,
-            bus: slot_addr.map(|_| "pci.0".to_string()),
-            pci_addr: slot_addr.map(|slot| format!("{slot:#x}")),
-        };
+        let slot = self.slots.iter().find(|s| s.name == link && s.stitch.is_some()).ok_or("not stitched")?;
+        let hotplug = self.hotplug_nic(slot, profile, name).map_err(|err| crate::logging::error_chain(&err))?;
         qmp.hotplug_nic(&hotplug).await.map_err(|err| crate::logging::error_chain(&err))?;
-        tracing::info!(link, nic, "link hot-plugged into the VM");
+        tracing::info!(link, nic = slot.nic, "link hot-plugged into the VM");
         Ok(())
     }
 
-    async fn drop_stitch(&mut self, name: &str, state: &'static str) {
+    async fn drop_stitch(&mut self, name: &str, state: LinkState) {
         if let Some(slot) = self.slots.iter_mut().find(|s| s.name == name) {
             if let Some(stitch) = slot.stitch.take() {
                 if let Err(err) = plumb::unstitch(&self.handle, &stitch).await {
@@ -281,7 +282,7 @@ impl DataPlane {
     pub async fn teardown(&mut self) {
         let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
         for name in names {
-            self.drop_stitch(&name, "missing").await;
+            self.drop_stitch(&name, LinkState::Missing).await;
         }
     }
 }

@@ -12,6 +12,12 @@
 //! (with everything that differs per endpoint, such as the name and paths, held fixed) and
 //! the size and time of every file the guest sees; a start whose own differ boots cold and
 //! says why. The devices the snapshot lacks (9p, data NICs) are hot-plugged after it loads.
+//!
+//! This file owns the format and the fit check (pure); `save` makes a snapshot (`vial
+//! snapshot`), `restore` starts an endpoint from one.
+
+pub mod restore;
+pub mod save;
 
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
@@ -21,17 +27,101 @@ use serde::{Deserialize, Serialize};
 use super::{qemu_argv, Accel, Launch};
 use crate::config::Profile;
 
+/// Why a snapshot cannot be used; the endpoint then boots cold, and its status says this.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The manifest cannot be read.
+    #[error("no snapshot at {}", path.display())]
+    NoManifest {
+        /// The manifest's path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The manifest is not JSON of the right shape.
+    #[error("{} is not a snapshot manifest", path.display())]
+    BadManifest {
+        /// The manifest's path.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The manifest is of another format.
+    #[error("{} has format {found}, this vial reads format {FORMAT}: make the snapshot again (vial snapshot)", path.display())]
+    Format {
+        /// The manifest's path.
+        path: PathBuf,
+        /// Its format.
+        found: u32,
+    },
+    /// The start's machine is not the snapshot's.
+    #[error("the machine differs from the snapshot's: argument {index} is `{now}`, the snapshot has `{was}`")]
+    MachineDiffers {
+        /// The first differing argument.
+        index: usize,
+        /// This start's.
+        now: String,
+        /// The snapshot's.
+        was: String,
+    },
+    /// A file the guest sees changed.
+    #[error("{} changed since the snapshot ({} bytes, mtime {}; the snapshot saw {} bytes, mtime {})", now.path.display(), now.bytes, now.modified, was.bytes, was.modified)]
+    FileChanged {
+        /// The file now.
+        now: FileStamp,
+        /// The file as the snapshot saw it.
+        was: FileStamp,
+    },
+    /// A file the guest sees is not in the manifest.
+    #[error("the snapshot does not know {}", path.display())]
+    FileUnknown {
+        /// The file.
+        path: PathBuf,
+    },
+    /// An earlier run's overlay is kept, and the snapshot's memory does not know its changes.
+    #[error("an earlier run of this container changed its disk (its overlay is kept), and the snapshot's memory does not know those changes")]
+    OverlayKept,
+    /// Another QEMU.
+    #[error("this is QEMU {running}; the snapshot was made by QEMU {snapshot}")]
+    QemuVersion {
+        /// The QEMU that runs.
+        running: String,
+        /// The snapshot's.
+        snapshot: String,
+    },
+    /// The migration stream cannot be opened.
+    #[error("cannot open {}", path.display())]
+    OpenVmstate {
+        /// The stream.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The overlays over the snapshot's layers cannot be made.
+    #[error(transparent)]
+    Overlay(#[from] super::disk::OverlayError),
+    /// QEMU could not be started.
+    #[error(transparent)]
+    Launch(#[from] super::qemu::LaunchError),
+    /// QEMU exited while loading: QEMU 7.2 does when a stream does not fit.
+    #[error("qemu exited while loading the snapshot (its message is in the log above)")]
+    QemuExited,
+    /// A QMP step failed.
+    #[error("{step}")]
+    Qmp {
+        /// What vial was doing.
+        step: &'static str,
+        /// Why it failed.
+        source: crate::qmp::QmpError,
+    },
+}
+
 /// The migration stream.
 pub const VMSTATE: &str = "vmstate";
 /// The manifest.
 pub const MANIFEST: &str = "snapshot.json";
 /// The manifest format this vial writes and reads.
 pub const FORMAT: u32 = 1;
-
-/// The snapshot's layer of disk `index` (the overlay the guest wrote while it was saved).
-pub fn disk_layer(dir: &Path, index: usize) -> PathBuf {
-    super::disk::overlay_path(dir, index)
-}
 
 /// A file the guest sees, as it was when the snapshot was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,61 +196,42 @@ pub fn file_stamps(profile: &Profile) -> Vec<FileStamp> {
 }
 
 /// Reads `dir/snapshot.json`. The error says why the snapshot cannot be used.
-pub fn load_manifest(dir: &Path) -> Result<Manifest, String> {
+pub fn load_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path).map_err(|err| format!("no snapshot at {} ({err})", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|source| SnapshotError::NoManifest { path: path.clone(), source })?;
     let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|err| format!("{} is not a snapshot manifest: {err}", path.display()))?;
+        serde_json::from_str(&text).map_err(|source| SnapshotError::BadManifest { path: path.clone(), source })?;
     if manifest.format != FORMAT {
-        return Err(format!(
-            "{} has format {}, this vial reads format {FORMAT}: make the snapshot again (vial snapshot)",
-            path.display(),
-            manifest.format
-        ));
+        return Err(SnapshotError::Format { path, found: manifest.format });
     }
     Ok(manifest)
 }
 
 /// Whether a snapshot made as `manifest` says fits a start with this machine and these files;
 /// the error names the first difference.
-pub fn check_fits(manifest: &Manifest, machine: &[String], files: &[FileStamp]) -> Result<(), String> {
+pub fn check_fits(manifest: &Manifest, machine: &[String], files: &[FileStamp]) -> Result<(), SnapshotError> {
     if manifest.machine != machine {
-        let n = manifest.machine.iter().zip(machine).take_while(|(a, b)| a == b).count();
-        let was = manifest.machine.get(n).map_or("(end)", String::as_str);
-        let now = machine.get(n).map_or("(end)", String::as_str);
-        return Err(format!(
-            "the machine differs from the snapshot's: argument {n} is `{now}`, the snapshot has `{was}`"
-        ));
+        let index = manifest.machine.iter().zip(machine).take_while(|(a, b)| a == b).count();
+        let was = manifest.machine.get(index).map_or("(end)", String::as_str).to_string();
+        let now = machine.get(index).map_or("(end)", String::as_str).to_string();
+        return Err(SnapshotError::MachineDiffers { index, now, was });
     }
     for stamp in files {
         match manifest.files.iter().find(|f| f.path == stamp.path) {
             Some(was) if was == stamp => {}
-            Some(was) => {
-                return Err(format!(
-                    "{} changed since the snapshot ({} bytes, mtime {}; the snapshot saw {} bytes, mtime {})",
-                    stamp.path.display(),
-                    stamp.bytes,
-                    stamp.modified,
-                    was.bytes,
-                    was.modified
-                ))
-            }
-            None => return Err(format!("the snapshot does not know {}", stamp.path.display())),
+            Some(was) => return Err(SnapshotError::FileChanged { now: stamp.clone(), was: was.clone() }),
+            None => return Err(SnapshotError::FileUnknown { path: stamp.path.clone() }),
         }
     }
     Ok(())
 }
 
-/// QEMU's version from a `query-version` reply, as the manifest records it.
-pub fn qemu_version(reply: &serde_json::Value) -> String {
-    let q = &reply["qemu"];
-    let package = reply["package"].as_str().unwrap_or("").trim();
-    let number = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
-    if package.is_empty() {
-        number
-    } else {
-        format!("{number} ({package})")
-    }
+/// Removes the snapshot in `dir` whole: manifest first (a directory without one holds no
+/// snapshot), then the stream and the disk layers.
+pub fn remove(dir: &Path, disks: &[crate::config::profile::Disk]) {
+    let _ = std::fs::remove_file(dir.join(MANIFEST));
+    let _ = std::fs::remove_file(dir.join(VMSTATE));
+    super::disk::remove_all(disks, dir);
 }
 
 #[cfg(test)]
@@ -201,12 +272,13 @@ mod tests {
     fn a_start_with_other_memory_accel_or_args_does_not_fit_and_says_where() {
         let p = profile("256M");
         let m = manifest(&p);
-        assert_eq!(check_fits(&m, &machine_argv(&p, Accel::Tcg, &[]), &file_stamps(&p)), Ok(()));
+        check_fits(&m, &machine_argv(&p, Accel::Tcg, &[]), &file_stamps(&p)).unwrap();
         let err = check_fits(&m, &machine_argv(&profile("512M"), Accel::Tcg, &[]), &file_stamps(&p)).unwrap_err();
+        let err = err.to_string();
         assert!(err.contains("`512`") && err.contains("`256`"), "{err}");
-        let err = check_fits(&m, &machine_argv(&p, Accel::Kvm, &[]), &file_stamps(&p)).unwrap_err();
+        let err = check_fits(&m, &machine_argv(&p, Accel::Kvm, &[]), &file_stamps(&p)).unwrap_err().to_string();
         assert!(err.contains("`kvm`"), "{err}");
-        let err = check_fits(&m, &machine_argv(&p, Accel::Tcg, &["-smp".into()]), &file_stamps(&p)).unwrap_err();
+        let err = check_fits(&m, &machine_argv(&p, Accel::Tcg, &["-smp".into()]), &file_stamps(&p)).unwrap_err().to_string();
         assert!(err.contains("`-smp`") && err.contains("(end)"), "{err}");
     }
 
@@ -216,7 +288,7 @@ mod tests {
         let m = manifest(&p);
         let mut files = file_stamps(&p);
         files[0].bytes = 42;
-        let err = check_fits(&m, &machine_argv(&p, Accel::Tcg, &[]), &files).unwrap_err();
+        let err = check_fits(&m, &machine_argv(&p, Accel::Tcg, &[]), &files).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/vmlinuz changed since the snapshot (42 bytes"), "{err}");
     }
 
@@ -224,20 +296,15 @@ mod tests {
     fn manifests_round_trip_and_bad_ones_say_why() {
         let dir = std::env::temp_dir().join(format!("vial-snapshot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(load_manifest(&dir).unwrap_err().starts_with("no snapshot at"));
+        assert!(load_manifest(&dir).unwrap_err().to_string().starts_with("no snapshot at"));
         let m = manifest(&profile("256M"));
         std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(load_manifest(&dir).unwrap(), m);
         std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&Manifest { format: 99, ..m }).unwrap()).unwrap();
-        assert!(load_manifest(&dir).unwrap_err().contains("format 99"));
+        assert!(load_manifest(&dir).unwrap_err().to_string().contains("format 99"));
         std::fs::write(dir.join(MANIFEST), "{").unwrap();
-        assert!(load_manifest(&dir).unwrap_err().contains("is not a snapshot manifest"));
+        assert!(load_manifest(&dir).unwrap_err().to_string().contains("is not a snapshot manifest"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn qemu_version_reads_query_version() {
-        let reply = serde_json::json!({"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2"});
-        assert_eq!(qemu_version(&reply), "7.2.22 (Debian 1:7.2)");
-    }
 }

@@ -1,0 +1,499 @@
+//! The supervisor: the one place that ties configuration, the QEMU process, QMP, readiness,
+//! signals and reaping together, and walks the endpoint through its life
+//! (`starting` → ... → `ready` → `stopping` → `stopped`, or `failed`).
+//!
+//! It fails fast during setup and never bails once QEMU runs: from then on every error is
+//! logged and the loop carries on until QEMU is gone. It never leaves QEMU behind: every path
+//! out of [`run`] goes through the same teardown, and QEMU carries a parent-death signal.
+//! How a stop proceeds (power button, `quit`, SIGKILL) is decided in `stop`.
+
+mod stop;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::exit::{Outcome, SetupError, TUN_DEVICE};
+use crate::health;
+use crate::net::dataplane::DataPlane;
+use crate::net::links::WaitError;
+use crate::qmp::{self, RunState, VmEvent};
+use crate::reaper::{self, Ended};
+use crate::rundir;
+use crate::status::{BootFrom, BootStatus, ForwardStatus, Phase, Status};
+use crate::vm::qemu::{self, Start};
+use crate::vm::snapshot::{self, restore};
+use crate::vm::{self, readiness, Accel};
+use stop::{Stop, REPRESS_INTERVAL};
+
+/// QMP negotiation as the supervision loop awaits it: the connection, or why there is none.
+type Negotiation = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(qmp::Qmp, qmp::Events), qmp::QmpError>>>>;
+
+/// vial's control monitor as setup hands it to the supervision loop.
+enum Monitor {
+    /// Connected, greeting not read yet (QEMU is starting).
+    Pending(tokio::net::UnixStream),
+    /// Negotiated already (the snapshot was loaded over it).
+    Ready(qmp::Qmp, qmp::Events),
+}
+
+/// Runs the endpoint to its end on a current-thread runtime (see `sys::spawn_supervised` for
+/// why it must be current-thread). Returns the outcome; the binary maps it to an exit code.
+pub fn run(config: Config) -> Outcome {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            let err = SetupError::Runtime(err);
+            tracing::error!("{}", crate::logging::error_chain(&err));
+            return err.outcome();
+        }
+    };
+    runtime.block_on(Endpoint::new(config).run())
+}
+
+/// Signals the supervisor listens to, registered before anything else so that a `docker
+/// stop` during setup is not lost. Registering a handler is also what lets PID 1 receive
+/// SIGTERM at all: the kernel drops signals to a namespace's init that has no handler.
+struct Signals {
+    term: SignalStream,
+    int: SignalStream,
+    quit: SignalStream,
+    child: SignalStream,
+    hup: SignalStream,
+    usr1: SignalStream,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            child: signal(SignalKind::child())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+/// The state one `vial run` carries.
+struct Endpoint {
+    config: Config,
+    status: watch::Sender<Status>,
+    /// Files in the run directory that vial created and removes on exit.
+    created: Vec<PathBuf>,
+    /// The data links, once stitched.
+    dataplane: Option<DataPlane>,
+}
+
+impl Endpoint {
+    fn new(config: Config) -> Self {
+        let (status, _) = watch::channel(Status::new(&config.profile.name));
+        Endpoint { config, status, created: Vec::new(), dataplane: None }
+    }
+
+    fn set_phase(&self, phase: Phase, reason: Option<String>) {
+        tracing::info!(state = phase.as_str(), reason = reason.as_deref().unwrap_or(""), "endpoint state");
+        self.status.send_modify(|status| {
+            status.phase = phase;
+            status.reason = reason;
+        });
+    }
+
+    async fn run(mut self) -> Outcome {
+        let setup = match Signals::register() {
+            Ok(signals) => self.setup_and_launch().await.map(|launched| (signals, launched)),
+            Err(err) => Err(SetupError::Signals(err)),
+        };
+        let outcome = match setup {
+            Ok((mut signals, (qemu_pid, monitor))) => self.supervise(qemu_pid, monitor, &mut signals).await,
+            Err(err) => {
+                let message = crate::logging::error_chain(&err);
+                tracing::error!("{message}");
+                self.set_phase(Phase::Failed, Some(message));
+                err.outcome()
+            }
+        };
+        self.teardown(outcome).await;
+        outcome
+    }
+
+    /// Every setup step, in order; the first failure ends the run with its outcome.
+    async fn setup_and_launch(&mut self) -> Result<(u32, Monitor), SetupError> {
+        let profile = self.config.profile.clone();
+        let run_dir = &self.config.run_dir;
+        std::fs::create_dir_all(run_dir).map_err(|source| SetupError::Create { path: run_dir.clone(), source })?;
+        let health_path = run_dir.join(rundir::HEALTH);
+        let listener = health::bind(&health_path)?;
+        self.created.push(health_path);
+        tokio::spawn(health::serve(listener, self.status.subscribe()));
+
+        if !Path::new(TUN_DEVICE).exists() {
+            return Err(SetupError::TunMissing);
+        }
+        qemu::require_binary(&profile.qemu)?;
+        let (accel, fallback) = vm::resolve_accel(profile.accel, crate::sys::kvm_usable)?;
+        if let Some(reason) = fallback {
+            tracing::info!(%reason, "KVM not usable; using TCG");
+        }
+        self.status.send_modify(|status| status.accel = Some(accel.as_str().into()));
+
+        let mgmt_addr = crate::net::mgmt_address(&self.config.mgmt_iface)?;
+        let forwards = profile
+            .forwards
+            .iter()
+            .map(|f| ForwardStatus {
+                protocol: f.protocol.as_str().into(),
+                address: mgmt_addr.to_string(),
+                container_port: f.container_port,
+                guest_port: f.guest_port,
+            })
+            .collect();
+        self.status.send_modify(|status| status.forwards = forwards);
+        // Bound now, so a port conflict is a setup error; QEMU's own listeners are on
+        // loopback, so when the management address is loopback, QEMU's serve directly.
+        if !mgmt_addr.is_loopback() {
+            let relays = crate::forward::bind_all(mgmt_addr, &profile.forwards).await?;
+            crate::forward::spawn_all(relays);
+        }
+
+        let share = qemu::lesson_dir(&self.config);
+        if let (Some(dir), Some(lesson)) = (&share, &profile.share) {
+            if *dir != lesson.path {
+                tracing::info!(path = %lesson.path.display(), "no lesson directory; the guest gets an empty share");
+                std::fs::create_dir_all(dir).map_err(|source| SetupError::Create { path: dir.clone(), source })?;
+            }
+        }
+
+        self.set_phase(Phase::WaitingForInterfaces, None);
+        let dataplane = DataPlane::start(&profile, &self.config.mgmt_iface).await?;
+        self.set_phase(Phase::Plumbing, None);
+        self.status.send_modify(|status| status.links = dataplane.statuses());
+        // Kept from here on, so that every way out tears the plumbing down.
+        let dataplane = &*self.dataplane.insert(dataplane);
+
+        let note = match &profile.snapshot {
+            // An image built without running `vial snapshot` (or a test bundle): not a fault.
+            Some(target) if !target.dir.join(snapshot::MANIFEST).is_file() => {
+                tracing::info!(dir = %target.dir.display(), "no snapshot in the profile's snapshot directory; booting cold");
+                Some(format!("snapshot not used: there is none in {}", target.dir.display()))
+            }
+            Some(target) => {
+                let nics = dataplane.hotplug_nics(&profile, &self.config.name)?;
+                match restore::restore(&self.config, target, accel, share.clone(), &nics).await {
+                    Ok(restored) => {
+                        self.created.extend(restored.created);
+                        self.status.send_modify(|status| status.qemu_pid = Some(restored.pid));
+                        self.set_boot(BootFrom::Snapshot, None);
+                        self.set_phase(Phase::Booting, None);
+                        return Ok((restored.pid, Monitor::Ready(restored.qmp, restored.events)));
+                    }
+                    Err(err) => {
+                        let reason = crate::logging::error_chain(&err);
+                        tracing::warn!(%reason, "not starting from the snapshot; booting cold");
+                        Some(format!("snapshot not used: {reason}"))
+                    }
+                }
+            }
+            None => None,
+        };
+        let disks = vm::disk::prepare_overlays(&profile.disks, &self.config.state_dir, vm::disk::Base::Image)?;
+        let start = Start { accel, disks, share, data_nics: dataplane.data_nics(), restore: false };
+        let started = qemu::start_qemu(&self.config, &start, &dataplane.fds())?;
+        self.created.extend(started.created);
+        self.status.send_modify(|status| status.qemu_pid = Some(started.pid));
+        self.set_boot(BootFrom::Cold, note);
+        self.set_phase(Phase::Booting, None);
+        Ok((started.pid, Monitor::Pending(started.control)))
+    }
+
+    fn set_boot(&self, from: BootFrom, note: Option<String>) {
+        tracing::info!(?from, note = note.as_deref().unwrap_or(""), "boot");
+        self.status.send_modify(|status| status.boot = Some(BootStatus { from, note }));
+    }
+
+    /// Watches QEMU until it is gone and returns how the run ended.
+    async fn supervise(&mut self, qemu_pid: u32, monitor: Monitor, signals: &mut Signals) -> Outcome {
+        let profile = self.config.profile.clone();
+        let mut stop = Stop::NotRequested;
+        let mut qmp_handle: Option<qmp::Qmp> = None;
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+        let mut probe_task: Option<tokio::task::JoinHandle<()>> = None;
+        let mut events: Option<qmp::Events> = None;
+        let mut run_state = RunState::Running;
+        let mut dataplane = self.dataplane.take();
+
+        // QMP negotiation runs beside the loop, so signals and QEMU's death are seen while
+        // QEMU is still starting.
+        let mut negotiation: Negotiation = match monitor {
+            Monitor::Pending(control) => Box::pin(qmp::connect_unix_within(control, qemu::QMP_GREETING_TIMEOUT)),
+            Monitor::Ready(handle, events) => Box::pin(std::future::ready(Ok((handle, events)))),
+        };
+        let mut negotiating = true;
+
+        loop {
+            let deadline = stop.deadline();
+            tokio::select! {
+                result = &mut negotiation, if negotiating => {
+                    negotiating = false;
+                    match result {
+                        Ok((handle, stream)) => {
+                            tracing::info!("qmp negotiated");
+                            if let Some(state) = self.after_negotiation(&handle).await {
+                                run_state = state;
+                            }
+                            events = Some(stream);
+                            // A stop requested while QEMU was starting goes out now.
+                            if let Stop::PoweringDown { .. } = stop {
+                                press_power_button(&handle).await;
+                            }
+                            if stop == Stop::NotRequested {
+                                probe_task = Some(self.start_probe(ready_tx.clone()));
+                            }
+                            qmp_handle = Some(handle);
+                        }
+                        Err(err) => tracing::warn!(reason = %crate::logging::error_chain(&err), "supervising qemu without qmp"),
+                    }
+                }
+                event = recv_event(&mut events) => match event {
+                    Some(event) => {
+                        run_state = qmp::next_run_state(&run_state, &event);
+                        self.status.send_modify(|status| status.vm_run_state = Some(run_state.as_str().to_string()));
+                        self.on_event(&event, &mut probe_task, &ready_tx, stop);
+                    }
+                    None => {
+                        tracing::debug!("qmp closed");
+                        events = None;
+                    }
+                },
+                event = next_link_event(&mut dataplane), if qmp_handle.is_some() => match (event, &qmp_handle, &mut dataplane) {
+                    (Ok(event), Some(handle), Some(plane)) => {
+                        plane.on_event(event, handle, &profile, &self.config.name).await;
+                        self.status.send_modify(|status| status.links = plane.statuses());
+                    }
+                    (Err(err), _, _) => {
+                        tracing::warn!(%err, "link events stopped; late links will not be plugged");
+                        if let Some(mut plane) = dataplane.take() {
+                            plane.teardown().await;
+                        }
+                    }
+                    _ => {}
+                },
+                Some(()) = ready_rx.recv() => {
+                    if stop == Stop::NotRequested && self.status.borrow().phase == Phase::Booting {
+                        self.set_phase(Phase::Ready, None);
+                    }
+                }
+                _ = signals.child.recv() => {
+                    let (ended, count) = reaper::reap_all(Some(qemu_pid));
+                    if count > 0 {
+                        tracing::debug!(count, "reaped children");
+                    }
+                    if let Some(ended) = ended {
+                        if let Some(task) = probe_task.take() {
+                            task.abort();
+                        }
+                        self.dataplane = dataplane;
+                        return self.qemu_ended(ended, stop);
+                    }
+                }
+                _ = signals.term.recv() => stop = self.on_stop_signal(Signal::SIGTERM, stop, qemu_pid, qmp_handle.as_ref()).await,
+                _ = signals.int.recv() => stop = self.on_stop_signal(Signal::SIGINT, stop, qemu_pid, qmp_handle.as_ref()).await,
+                _ = signals.quit.recv() => stop = stop::force(Signal::SIGQUIT, qemu_pid),
+                _ = signals.hup.recv() => tracing::info!("SIGHUP ignored (vial has no configuration to reload; restart the container instead)"),
+                _ = signals.usr1.recv() => {
+                    let json = self.status.borrow().to_json(Instant::now());
+                    tracing::info!(status = %json, "status on SIGUSR1");
+                }
+                _ = sleep_until(deadline) => {
+                    stop = match stop {
+                        Stop::PoweringDown { deadline, .. } if Instant::now() < deadline => {
+                            if let Some(handle) = &qmp_handle {
+                                tracing::debug!("pressing the power button again");
+                                press_power_button(handle).await;
+                            }
+                            Stop::PoweringDown { deadline, repress: Instant::now() + REPRESS_INTERVAL }
+                        }
+                        Stop::PoweringDown { .. } => {
+                            tracing::warn!(timeout = ?profile.stop_timeout, "guest did not power off in time; sending quit");
+                            match &qmp_handle {
+                                Some(handle) => {
+                                    if let Err(err) = handle.quit().await {
+                                        tracing::warn!(%err, "qmp quit failed");
+                                    }
+                                    Stop::Quitting { deadline: Instant::now() + stop::QUIT_GRACE }
+                                }
+                                None => stop::kill(qemu_pid),
+                            }
+                        }
+                        Stop::Quitting { .. } => {
+                            tracing::warn!("qemu did not quit in time; killing it");
+                            stop::kill(qemu_pid)
+                        }
+                        other => other,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Reads the run state and the accelerator QEMU really uses.
+    async fn after_negotiation(&self, handle: &qmp::Qmp) -> Option<RunState> {
+        let state = match handle.query_status().await {
+            Ok(state) => {
+                self.status.send_modify(|status| status.vm_run_state = Some(state.as_str().to_string()));
+                Some(state)
+            }
+            Err(err) => {
+                tracing::warn!(%err, "query-status failed");
+                None
+            }
+        };
+        // Report the accelerator QEMU really uses, not only the one asked for.
+        match handle.query_kvm().await {
+            Ok(enabled) => {
+                let accel = if enabled { Accel::Kvm } else { Accel::Tcg };
+                self.status.send_modify(|status| status.accel = Some(accel.as_str().into()));
+            }
+            Err(err) => tracing::debug!(%err, "query-kvm failed"),
+        }
+        state
+    }
+
+    fn on_event(
+        &self,
+        event: &VmEvent,
+        probe_task: &mut Option<tokio::task::JoinHandle<()>>,
+        ready_tx: &mpsc::UnboundedSender<()>,
+        stop: Stop,
+    ) {
+        tracing::info!(?event, "vm event");
+        match event {
+            VmEvent::Shutdown { guest, reason } => {
+                tracing::info!(guest, %reason, "guest shut down");
+            }
+            VmEvent::Reset { .. } if stop == Stop::NotRequested => {
+                // The guest rebooted: it is not ready again until the probe passes again.
+                if let Some(task) = probe_task.take() {
+                    task.abort();
+                }
+                self.set_phase(Phase::Booting, Some("guest rebooted".into()));
+                *probe_task = Some(self.start_probe(ready_tx.clone()));
+            }
+            VmEvent::GuestPanicked => self.set_phase(Phase::Failed, Some("guest panicked".into())),
+            _ => {}
+        }
+    }
+
+    async fn on_stop_signal(&self, signal: Signal, stop: Stop, qemu_pid: u32, qmp_handle: Option<&qmp::Qmp>) -> Stop {
+        if stop != Stop::NotRequested {
+            tracing::warn!(signal = signal.as_str(), "second stop signal: forcing the stop");
+            return stop::force(signal, qemu_pid);
+        }
+        tracing::info!(signal = signal.as_str(), timeout = ?self.config.profile.stop_timeout, "stopping: pressing the guest's power button");
+        self.set_phase(Phase::Stopping, Some(format!("{} received", signal.as_str())));
+        if let Some(handle) = qmp_handle {
+            press_power_button(handle).await;
+        }
+        let now = Instant::now();
+        Stop::PoweringDown { deadline: now + self.config.profile.stop_timeout, repress: now + REPRESS_INTERVAL }
+    }
+
+    fn qemu_ended(&self, ended: Ended, stop: Stop) -> Outcome {
+        tracing::info!(%ended, "qemu exited");
+        self.status.send_modify(|status| status.qemu_pid = None);
+        let outcome = match stop {
+            Stop::Forced(signal) => Outcome::ForcedBySignal(signal),
+            Stop::Killed => Outcome::KilledQemu,
+            Stop::Quitting { .. } => Outcome::QuitAfterStopTimeout,
+            // QEMU exits 0 only when the guest powered off or someone sent `quit` on the public
+            // monitor; both are clean. The SHUTDOWN event is not relied on: a newer QEMU's
+            // reason may not fit the schema, and then the event is logged and dropped.
+            Stop::PoweringDown { .. } | Stop::NotRequested if ended == Ended::Exited(0) => Outcome::GuestPoweredOff,
+            _ => Outcome::QemuCrashed,
+        };
+        if outcome == Outcome::QemuCrashed {
+            self.set_phase(Phase::Failed, Some(format!("qemu exited unexpectedly: {ended}")));
+        } else {
+            self.set_phase(Phase::Stopped, Some(outcome.describe()));
+        }
+        outcome
+    }
+
+    fn start_probe(&self, ready: mpsc::UnboundedSender<()>) -> tokio::task::JoinHandle<()> {
+        let profile = &self.config.profile;
+        let interval = profile.probe_interval;
+        let probe = profile.probe.clone();
+        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        let console_log = self.config.run_dir.join(rundir::CONSOLE_LOG);
+        tokio::spawn(async move {
+            // A TCP probe goes through the forward on the management address (a profile with a
+            // TCP probe has forwards, so there is one).
+            let addr = mgmt.unwrap_or(Ipv4Addr::LOCALHOST);
+            readiness::wait_ready(&probe, interval, addr, &console_log).await;
+            let _ = ready.send(());
+        })
+    }
+
+    /// The one way out: kill QEMU if it still runs, remove what vial created, persist the
+    /// final status for `vial health` to show after the supervisor is gone.
+    async fn teardown(&mut self, outcome: Outcome) {
+        if let Some(pid) = self.status.borrow().qemu_pid {
+            stop::kill(pid);
+        }
+        if let Some(mut plane) = self.dataplane.take() {
+            plane.teardown().await;
+            self.status.send_modify(|status| status.links = plane.statuses());
+        }
+        for path in &self.created {
+            let _ = std::fs::remove_file(path);
+        }
+        let status = self.status.borrow().clone();
+        if let Err(err) = health::persist_last_status(&self.config.run_dir, &status, Instant::now()) {
+            tracing::warn!(%err, "cannot persist the final status");
+        }
+        tracing::info!(code = outcome.code(), outcome = %outcome.describe(), "vial exits");
+    }
+}
+
+async fn press_power_button(handle: &qmp::Qmp) {
+    if let Err(err) = handle.system_powerdown().await {
+        tracing::warn!(%err, "system_powerdown failed");
+    }
+}
+
+async fn next_link_event(dataplane: &mut Option<DataPlane>) -> Result<crate::net::links::LinkEvent, WaitError> {
+    match dataplane {
+        Some(plane) => plane.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_event(events: &mut Option<qmp::Events>) -> Option<VmEvent> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The QEMU argv `vial run` would use for a cold boot with this configuration, without
+/// creating anything (`vial argv`): overlays are named but not made, and the control
+/// monitor's descriptor is shown as 3.
+pub fn dry_run_argv(config: &Config) -> Result<Vec<std::ffi::OsString>, SetupError> {
+    let (accel, _) = vm::resolve_accel(config.profile.accel, crate::sys::kvm_usable)?;
+    let disks = (0..config.profile.disks.len()).map(|i| vm::disk::overlay_path(&config.state_dir, i)).collect();
+    let start = Start { accel, disks, share: qemu::lesson_dir(config), data_nics: Vec::new(), restore: false };
+    Ok(vm::qemu_argv(&config.profile, &start.launch(config, 3)))
+}

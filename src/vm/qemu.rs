@@ -1,0 +1,174 @@
+//! Starting the QEMU process: finding the binary (so a missing QEMU is a clear setup error
+//! rather than a failed exec), putting the runtime inputs of its argv together, binding vial's
+//! control monitor and spawning QEMU with the descriptors it must inherit. Never talks QMP.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::argv::{qemu_argv, DataNic, Launch};
+use super::Accel;
+use crate::config::Config;
+use crate::rundir;
+
+/// Why QEMU could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The binary is not on PATH (or the path does not exist).
+    #[error("qemu binary {binary:?} not found: install qemu-system-x86 in the image, or point VIAL_QEMU or machine.qemu at it")]
+    QemuMissing {
+        /// What was looked for.
+        binary: String,
+    },
+    /// vial's control monitor could not be bound or connected.
+    #[error("cannot set up the control monitor {}", path.display())]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `fork`/`exec` failed.
+    #[error("cannot start {binary}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How long QEMU gets to greet on vial's control monitor after it starts.
+pub const QMP_GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The QEMU binary `binary` names, or why there is none: checked before anything is set up, so
+/// that a missing QEMU is said first.
+pub fn require_binary(binary: &str) -> Result<PathBuf, LaunchError> {
+    find_binary(binary).ok_or_else(|| LaunchError::QemuMissing { binary: binary.to_string() })
+}
+
+/// Finds `binary` the way `execvp` would.
+pub fn find_binary(binary: &str) -> Option<PathBuf> {
+    let is_executable = |path: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if binary.contains('/') {
+        let path = PathBuf::from(binary);
+        return is_executable(&path).then_some(path);
+    }
+    let search = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&search).map(|dir| dir.join(binary)).find(|path| is_executable(path))
+}
+
+/// Starts QEMU with `argv` (argv[0] names the binary), keeping `inherit` open in it.
+pub fn spawn_qemu(argv: &[OsString], inherit: &[RawFd]) -> Result<Child, LaunchError> {
+    let name = argv[0].to_string_lossy().to_string();
+    let binary = find_binary(&name).ok_or(LaunchError::QemuMissing { binary: name })?;
+    let mut command = Command::new(&binary);
+    command.args(&argv[1..]).stdin(Stdio::null());
+    tracing::info!(binary = %binary.display(), "starting qemu");
+    tracing::debug!(argv = ?argv, "qemu argv");
+    let child =
+        crate::sys::spawn_supervised(&mut command, inherit).map_err(|source| LaunchError::Spawn { binary, source })?;
+    // `spawn` returns once the exec succeeded (std waits on a close-on-exec pipe).
+    tracing::info!(pid = child.id(), "qemu started");
+    Ok(child)
+}
+
+/// The directory shared as the lesson, when the profile shares one: the lesson directory, or
+/// an empty one in the run directory when there is none, so that the guest always gets its
+/// share (a guest resumed from a snapshot takes its arrival as the signal to set up).
+pub fn lesson_dir(config: &Config) -> Option<PathBuf> {
+    let share = config.profile.share.as_ref()?;
+    Some(if share.path.is_dir() { share.path.clone() } else { config.run_dir.join(rundir::EMPTY_LESSON) })
+}
+
+/// What one QEMU start differs in, beyond the configuration.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The accelerator.
+    pub accel: Accel,
+    /// The disk overlays, in the profile's order.
+    pub disks: Vec<PathBuf>,
+    /// The lesson share ([`lesson_dir`]), or none (`vial snapshot`).
+    pub share: Option<PathBuf>,
+    /// Data NICs on the command line.
+    pub data_nics: Vec<DataNic>,
+    /// Start paused, waiting for a RAM snapshot.
+    pub restore: bool,
+}
+
+impl Start {
+    /// The argv inputs of this start, with `control_fd` as vial's monitor: the one place they
+    /// are put together.
+    pub fn launch(&self, config: &Config, control_fd: RawFd) -> Launch {
+        Launch {
+            accel: self.accel,
+            run_dir: config.run_dir.clone(),
+            disks: self.disks.clone(),
+            share: self.share.clone(),
+            control_fd,
+            name: config.name.clone(),
+            data_nics: self.data_nics.clone(),
+            extra_args: config.qemu_args.clone(),
+            restore: self.restore,
+        }
+    }
+}
+
+/// A QEMU that [`start_qemu`] started.
+pub struct Started {
+    /// Its pid (also its process group).
+    pub pid: u32,
+    /// vial's end of its control monitor, not negotiated yet.
+    pub control: tokio::net::UnixStream,
+    /// Files in the run directory to remove when the run ends.
+    pub created: Vec<PathBuf>,
+}
+
+/// Starts QEMU: binds vial's own QMP monitor and hands the listener to QEMU (so vial connects
+/// at once, with no polling for a socket file), then spawns QEMU with `inherit` open in it.
+pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<Started, LaunchError> {
+    let run_path = |name: &str| config.run_dir.join(name);
+    let mut created = Vec::new();
+    let control_path = run_path(rundir::CONTROL);
+    let control_error = |source| LaunchError::Control { path: control_path.clone(), source };
+    let _ = std::fs::remove_file(&control_path);
+    let control_listener = std::os::unix::net::UnixListener::bind(&control_path).map_err(control_error)?;
+    created.push(control_path.clone());
+    // Files QEMU creates; removed on exit in case QEMU is killed before it can.
+    for name in [rundir::QMP, rundir::CONSOLE] {
+        let path = run_path(name);
+        let _ = std::fs::remove_file(&path);
+        created.push(path);
+    }
+    // The connection waits in the listener's backlog until QEMU accepts it.
+    let control = std::os::unix::net::UnixStream::connect(&control_path)
+        .and_then(|stream| {
+            stream.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(stream)
+        })
+        .map_err(control_error)?;
+
+    let argv = qemu_argv(&config.profile, &start.launch(config, control_listener.as_raw_fd()));
+    let mut inherit = inherit.to_vec();
+    inherit.push(control_listener.as_raw_fd());
+    let child = spawn_qemu(&argv, &inherit)?;
+    // QEMU holds the listener now; ours would only keep the socket alive after QEMU dies.
+    drop(OwnedFd::from(control_listener));
+    Ok(Started { pid: child.id(), control, created })
+}
+
+/// Kills QEMU's process group and reaps it: for a QEMU that vial started and gives up on
+/// before its supervision loop (whose reaper would otherwise collect it) runs.
+pub fn kill_and_reap(pid: u32) {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::unistd::Pid;
+    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+}

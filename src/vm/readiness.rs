@@ -1,0 +1,91 @@
+//! When the guest counts as ready: the profile's readiness probe, a TCP exchange through a
+//! management forward (a reply from the guest, not only a connect) and optionally a text on the
+//! serial console, or a console pattern alone. Only reads: never changes the VM.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Probe;
+
+/// How often the console log is read for a readiness text that goes with a TCP probe: the
+/// text usually appears with the port, so a slow poll would only add to the time to ready.
+const CONSOLE_POLL: Duration = Duration::from_millis(50);
+
+/// Returns once the guest passes `probe`: a TCP probe aimed at `addr` (and its console text,
+/// when it has one, in `console_log`), or a console pattern. Retries every `interval`.
+pub async fn wait_ready(probe: &Probe, interval: Duration, addr: Ipv4Addr, console_log: &Path) {
+    match probe {
+        Probe::Tcp { port, send, expect, console } => {
+            let target = SocketAddrV4::new(addr, *port);
+            let answers = async {
+                while !probe_tcp(target, send, expect).await {
+                    tokio::time::sleep(interval).await;
+                }
+            };
+            let printed = async {
+                if let Some(text) = console {
+                    watch_console(console_log, text.as_bytes(), CONSOLE_POLL.min(interval)).await;
+                }
+            };
+            tokio::join!(answers, printed);
+        }
+        Probe::Serial { pattern } => {
+            watch_console(console_log, pattern.as_bytes(), interval).await;
+        }
+    }
+}
+
+/// One TCP readiness attempt through a forward: connect, send, and require a reply (QEMU's
+/// user networking accepts on the container side before it knows whether the guest listens,
+/// so only bytes from the guest prove it is up).
+pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool {
+    const ATTEMPT: Duration = Duration::from_secs(2);
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await.ok()?;
+        if !send.is_empty() {
+            stream.write_all(send).await.ok()?;
+        }
+        let want = expect.len().max(1);
+        let mut reply = Vec::with_capacity(want);
+        let mut buf = [0u8; 256];
+        while reply.len() < want {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        Some(reply.starts_with(expect))
+    };
+    matches!(tokio::time::timeout(ATTEMPT, attempt).await, Ok(Some(true)))
+}
+
+/// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
+/// a plain file QEMU appends to, and a probe is periodic by nature. Reads only what is new
+/// (a small local read, fine on the supervisor's thread).
+async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut offset = 0u64;
+    let mut window: Vec<u8> = Vec::new();
+    loop {
+        if let Ok(mut file) = std::fs::File::open(log) {
+            let mut fresh = Vec::new();
+            if file.seek(SeekFrom::Start(offset)).is_ok() && file.read_to_end(&mut fresh).is_ok() && !fresh.is_empty() {
+                offset += fresh.len() as u64;
+                window.extend_from_slice(&fresh);
+                if window.windows(pattern.len()).any(|w| w == pattern) {
+                    return;
+                }
+                // Keep only what could still be the start of a match.
+                let keep = pattern.len().saturating_sub(1);
+                if window.len() > keep {
+                    window.drain(..window.len() - keep);
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -69,13 +69,13 @@ impl SetupError {
     /// The exit outcome of this failure.
     pub fn outcome(&self) -> Outcome {
         match self {
-            SetupError::Runtime(_) => Outcome::Internal,
+            SetupError::Runtime(_) | SetupError::Save(SaveError::Runtime(_)) => Outcome::Internal,
             SetupError::TunMissing => Outcome::TunMissing,
             SetupError::Launch(LaunchError::QemuMissing { .. })
             | SetupError::Overlay(OverlayError::QemuImgMissing)
             | SetupError::Save(SaveError::Launch(LaunchError::QemuMissing { .. }))
             | SetupError::Save(SaveError::Overlay(OverlayError::QemuImgMissing)) => Outcome::QemuMissing,
-            SetupError::Accel(_) | SetupError::Save(SaveError::NoTarget { .. }) => Outcome::Config,
+            SetupError::Accel(_) | SetupError::Save(SaveError::NoTarget { .. } | SaveError::Accel(_)) => Outcome::Config,
             SetupError::DataPlane(DataPlaneError::Wait(WaitError::Timeout { .. })) => Outcome::InterfacesTimeout,
             SetupError::Signals(_)
             | SetupError::Create { .. }
@@ -212,6 +212,8 @@ mod tests {
             (DataPlaneError::Wait(WaitError::Closed).into(), Outcome::SetupFailed),
             (SaveError::NoTarget { profile: "p.toml".into() }.into(), Outcome::Config),
             (SaveError::Launch(missing()).into(), Outcome::QemuMissing),
+            (SaveError::Accel(KvmUnavailable { reason: "hangs".into() }).into(), Outcome::Config),
+            (SaveError::Runtime(io()).into(), Outcome::Internal),
             (SaveError::QemuExited { console: String::new() }.into(), Outcome::SetupFailed),
         ];
         for (error, outcome) in table {

@@ -151,6 +151,6 @@ fn snapshot(args: RunArgs) -> i32 {
             );
             0
         }
-        Err(err) => failed(err),
+        Err(err) => failed(err.into()),
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod profile;
 pub mod settings;
+mod validate;
 
 use std::path::PathBuf;
 use std::time::Duration;

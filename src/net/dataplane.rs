@@ -14,7 +14,8 @@ use rtnetlink::Handle;
 
 use crate::config::{Plumbing, Profile};
 use crate::net::links::{Link, LinkEvent, LinkWatcher, WaitError};
-use crate::net::plumb::{self, PlumbError, SelfCheck, Stitch};
+use crate::net::plumb::{self, PlumbError, Stitch};
+use crate::net::selfcheck::{self, SelfCheck};
 use crate::qmp::{HotplugNic, Qmp};
 use crate::status::{LinkState, LinkStatus};
 use crate::vm::argv::{data_nic_device, DataNic};
@@ -110,7 +111,7 @@ impl DataPlane {
         }
         // The self-checks run side by side: each waits ~15 ms on the kernel (closing a packet
         // socket waits for an RCU grace period), which adds up over 32 links.
-        let checks = plane.slots.iter().filter_map(|s| s.stitch.as_ref()).map(plumb::self_check);
+        let checks = plane.slots.iter().filter_map(|s| s.stitch.as_ref()).map(selfcheck::self_check);
         let results = futures::future::join_all(checks).await;
         let mut failure = None;
         for (slot, result) in plane.slots.iter_mut().zip(results) {
@@ -194,7 +195,7 @@ impl DataPlane {
                     }
                 };
                 let slot = self.slots.iter_mut().find(|s| s.name == link.name).expect("just stitched");
-                match plumb::self_check(slot.stitch.as_ref().expect("stitched")).await {
+                match selfcheck::self_check(slot.stitch.as_ref().expect("stitched")).await {
                     Ok(check) => slot.state = check_state(check),
                     Err(err) => {
                         tracing::error!(link = %link.name, %err, "self-check of a late link failed; not plugging it");
@@ -212,7 +213,7 @@ impl DataPlane {
                 let Some(stitch) = slot.stitch.as_ref() else { return };
                 // Carrier back: prove the plumbing again, as at start; gone: say so.
                 slot.state = if carrier {
-                    match plumb::self_check(stitch).await {
+                    match selfcheck::self_check(stitch).await {
                         Ok(check) => check_state(check),
                         Err(err) => {
                             tracing::error!(%link, %err, "self-check after carrier returned failed");

@@ -21,6 +21,7 @@ use rtnetlink::{Handle, LinkUnspec, LinkVeth};
 
 use super::links::{self, Link, LinkEvent, LinkWatcher, WaitError};
 use super::plumb::{self, Stitch};
+use super::selfcheck;
 use super::tap;
 use crate::config::Plumbing;
 use crate::sys;
@@ -375,7 +376,7 @@ fn transparency_in(mode: Plumbing, endpoint: Netns) -> Vec<(&'static str, bool)>
 
     let stitch: Stitch = endpoint.block_on(move |h| async move {
         let stitch = plumb::stitch(&h, mode, &link, 1).await.expect("stitch");
-        assert_eq!(plumb::self_check(&stitch).await.expect("self-check"), plumb::SelfCheck::Passed);
+        assert_eq!(selfcheck::self_check(&stitch).await.expect("self-check"), selfcheck::SelfCheck::Passed);
         // vial's devices never get an IPv6 link-local address, so they never speak.
         for name in [plumb::tap_name(1), plumb::bridge_name(1), plumb::macvtap_name(1)] {
             let Ok(index) = nix::net::if_::if_nametoindex(name.as_str()) else { continue };
@@ -604,7 +605,7 @@ fn tc_plumbing_set_up_time_for_1_8_and_32_links() {
             let stitched = start.elapsed();
             let start = Instant::now();
             for stitch in &stitches {
-                assert_eq!(plumb::self_check(stitch).await.unwrap(), plumb::SelfCheck::Passed);
+                assert_eq!(selfcheck::self_check(stitch).await.unwrap(), selfcheck::SelfCheck::Passed);
             }
             let checked = start.elapsed();
             let start = Instant::now();
@@ -634,9 +635,9 @@ fn the_self_check_reports_a_link_without_carrier() {
         set_up(&h, "eth1").await;
         let link = link_named(&h, "eth1").await;
         let stitch = plumb::stitch(&h, Plumbing::Tc, &link, 1).await.unwrap();
-        let outcome = plumb::self_check(&stitch).await.unwrap();
+        let outcome = selfcheck::self_check(&stitch).await.unwrap();
         plumb::unstitch(&h, &stitch).await.unwrap();
         outcome
     });
-    assert_eq!(outcome, plumb::SelfCheck::NoCarrier);
+    assert_eq!(outcome, selfcheck::SelfCheck::NoCarrier);
 }

@@ -4,7 +4,9 @@
 //!
 //! - `links`: which data links exist, in guest order, and waiting for them (netlink events);
 //! - `tap`: TAP, macvtap and vhost-net descriptors for QEMU (the only file opening `/dev`);
-//! - `plumb`: stitching one data link to one VM NIC per plumbing mode (plan, then apply).
+//! - `plumb`: stitching one data link to one VM NIC per plumbing mode (plan, then apply);
+//! - `selfcheck`: proof that a stitched link carries frames;
+//! - `dataplane`: the links over the endpoint's life (wait, stitch, check, hot-plug, unplug).
 //!
 //! Nothing under `net` ever touches the management interface.
 
@@ -14,6 +16,8 @@ pub mod links;
 pub mod plumb;
 /// The data links over the endpoint's life: waiting, stitching, hot-plug and unplug.
 pub mod dataplane;
+/// The self-check that proves a stitched link carries frames.
+pub mod selfcheck;
 /// TAP, macvtap and vhost-net descriptors.
 pub mod tap;
 

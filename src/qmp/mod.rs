@@ -10,6 +10,7 @@
 //! commands (the `qapi` schema, or a small reply type of its own where the schema's closed
 //! enums would turn a newer QEMU's answer into an error).
 //!
+//! - `device`: a device as driver and properties, the form `-device` and `device_add` share;
 //! - `wire`: the stream: reader and writer tasks, replies matched by `id`, descriptor passing;
 //! - `event`: QMP events as [`VmEvent`]s and the run state they imply;
 //! - `nic`: NIC hot-plug and unplug;
@@ -18,6 +19,7 @@
 //! References: QEMU's "QEMU Machine Protocol Specification" (docs/interop/qmp-spec) and the QMP
 //! reference manual (the QAPI schema, mirrored by the `qapi-qmp` crate).
 
+pub mod device;
 mod event;
 mod migrate;
 mod nic;

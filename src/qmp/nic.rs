@@ -9,7 +9,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use super::{Qmp, QmpError};
-use crate::vm::device::{self, Device};
+use super::device::{self, Device};
 
 /// A NIC to hot-plug into the running VM: a tap backend (`netdev_add type=tap`) on descriptors
 /// that vial opened, and the guest device in front of it (`device_add`). QEMU receives its own

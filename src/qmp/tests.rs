@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Interest, ReadHalf, WriteHalf};
-use crate::vm::device::Device;
+use crate::qmp::device::Device;
 
 /// QEMU 7.2's greeting, as captured from the real binary.
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
@@ -564,7 +564,7 @@ fn close_all(fds: Vec<RawFd>) {
 }
 
 /// A NIC as `vm::argv::data_nic_device` makes one, with `extra` properties after its own.
-fn test_device(id: &str, device_id: &str, extra: &[(&'static str, crate::vm::device::Value)]) -> Device {
+fn test_device(id: &str, device_id: &str, extra: &[(&'static str, crate::qmp::device::Value)]) -> Device {
     let mut device =
         Device::new("virtio-net-pci").with("netdev", id).with("id", device_id).with("mac", "02:00:00:00:00:03");
     device.props.extend(extra.iter().cloned());

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use super::device::Device;
+use crate::qmp::device::Device;
 use super::Accel;
 use crate::config::Profile;
 use crate::rundir;

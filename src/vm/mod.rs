@@ -5,7 +5,6 @@
 
 pub mod accel;
 pub mod argv;
-pub mod device;
 pub mod disk;
 pub mod qemu;
 pub mod readiness;

@@ -31,6 +31,12 @@ const CONSOLE_LINES: usize = 20;
 /// Why no snapshot was made.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
+    /// The async runtime could not be built.
+    #[error("cannot build the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// KVM was required and is not usable.
+    #[error(transparent)]
+    Accel(#[from] crate::vm::accel::KvmUnavailable),
     /// The profile names no snapshot directory.
     #[error("{}: the profile has no [snapshot] (or VIAL_SNAPSHOT=off), so there is nowhere to save one: add [snapshot] path = \"...\" or give VIAL_SNAPSHOT=<directory>", profile.display())]
     NoTarget {
@@ -78,16 +84,13 @@ pub enum SaveError {
 }
 
 /// Makes the snapshot and returns its manifest.
-pub fn run(config: Config) -> Result<Manifest, crate::exit::SetupError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(crate::exit::SetupError::Runtime)?;
+pub fn run(config: Config) -> Result<Manifest, SaveError> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(SaveError::Runtime)?;
     let target = config.profile.snapshot.clone().ok_or_else(|| SaveError::NoTarget { profile: config.profile_path.clone() })?;
     qemu::require_binary(&config.profile.qemu)?;
     let accel = crate::vm::resolve_accel(config.profile.accel, crate::sys::kvm_usable)?.0;
-    Ok(runtime.block_on(capture(&config, &target, accel))?)
+    runtime.block_on(capture(&config, &target, accel))
 }
 
 async fn capture(config: &Config, target: &Snapshot, accel: Accel) -> Result<Manifest, SaveError> {

@@ -1,4 +1,4 @@
-//! The endpoint container contract (DESIGN.md) from the outside: the `docker run` arguments
+//! The endpoint container contract (the README's "The endpoint contract") from the outside: the `docker run` arguments
 //! that start an endpoint container. Every tool that starts one (the image tests, `cargo
 //! xtask bench`, a lesson launcher) takes them from here, so they cannot drift apart.
 

@@ -5,7 +5,7 @@
 //! data link itself only gains an ingress qdisc (tc), a bridge master (bridge) or a macvtap
 //! upper device (macvtap), never a new MTU, address or admin state.
 //!
-//! Modes (see DESIGN.md, "Data plane modes"):
+//! Modes (the README's "Data plane modes" says what each passes):
 //!
 //! - `tc`: a TAP; an ingress qdisc on the link and on the TAP, each with a match-all filter
 //!   whose action is `mirred egress redirect` to the other. Every frame passes, LACP and STP

@@ -65,8 +65,8 @@ fn main() -> ExitCode {
 }
 
 fn try_main() -> Result<()> {
-    // Hand-rolled on purpose: two commands without options do not justify an argument
-    // parser dependency that every `cargo xtask` run would have to compile.
+    // Hand-rolled on purpose: a handful of commands with few options do not justify an
+    // argument parser dependency that every `cargo xtask` run would have to compile.
     let args: Vec<String> = env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {

@@ -118,26 +118,38 @@ fn waiting_for_three_links_when_two_exist_names_the_missing_one() {
     assert!(line.contains("missing eth3") && line.contains("eth1") && line.contains("eth2"), "{line}");
 }
 
+/// Guest side: report every change of eth1's carrier, as the guest's kernel sees it, on the
+/// console.
+const CARRIER_WATCH: &str = "(last=; while :; do c=$(cat /sys/class/net/eth1/carrier 2>/dev/null); \
+    if [ \"$c\" != \"$last\" ]; then echo \"vial-guest: eth1 carrier $c\" > /dev/console; last=$c; fi; \
+    sleep 0.2; done) &\n";
+
 #[test]
-fn a_link_whose_peer_comes_up_later_goes_from_no_carrier_to_up() {
+fn a_link_whose_peer_comes_up_later_goes_from_no_carrier_to_up_and_the_guest_sees_it() {
     let mut sandbox = Sandbox::new("carrier");
     let peer = Netns::new("carr");
     veth_between(&sandbox.netns, "eth1", &peer.0, "p1", 1500);
+    std::fs::write(sandbox.lesson.join("guest-init.sh"), CARRIER_WATCH).unwrap();
     // The cable is in, the far end is not up yet: eth1 has no carrier.
     ip(&["-n", &peer.0, "link", "set", "p1", "down"]);
     let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1")], "");
     sandbox.wait_ready();
     let link_state = |sandbox: &Sandbox| sandbox.status().map(|s| s["links"][0]["state"].clone());
     assert_eq!(link_state(&sandbox).unwrap(), "no-carrier");
+    // The guest's own NIC has no carrier either (vial set its link down over QMP).
+    let guest_saw = |sandbox: &Sandbox, carrier: &str| sandbox.console().matches(&format!("eth1 carrier {carrier}")).count();
+    wait_until(Duration::from_secs(30), "the guest to see eth1 without carrier", || (guest_saw(&sandbox, "0") >= 1).then_some(()));
 
     ip(&["-n", &peer.0, "link", "set", "p1", "up"]);
     wait_until(Duration::from_secs(30), "the link reported up", || {
         link_state(&sandbox).filter(|state| state == "up").map(|_| ())
     });
+    wait_until(Duration::from_secs(30), "the guest to see eth1's carrier", || (guest_saw(&sandbox, "1") >= 1).then_some(()));
     ip(&["-n", &peer.0, "link", "set", "p1", "down"]);
     wait_until(Duration::from_secs(30), "the link reported without carrier", || {
         link_state(&sandbox).filter(|state| state == "no-carrier").map(|_| ())
     });
+    wait_until(Duration::from_secs(30), "the guest to see eth1 lose its carrier", || (guest_saw(&sandbox, "0") >= 2).then_some(()));
     signal(vial, Signal::SIGTERM);
     assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
 }

@@ -206,6 +206,10 @@ impl DataPlane {
                 if let Err(err) = self.plug(&link.name, qmp, profile, name).await {
                     tracing::error!(link = %link.name, nic, %err, "hot-plug failed");
                     self.drop_stitch(&link.name, LinkState::Failed).await;
+                    return;
+                }
+                if !link.carrier {
+                    set_nic_link(qmp, &link.name, nic, false).await;
                 }
             }
             LinkEvent::Carrier { name: link, carrier } => {
@@ -224,6 +228,10 @@ impl DataPlane {
                     LinkState::NoCarrier
                 };
                 tracing::info!(%link, state = ?slot.state, "link carrier changed");
+                // The guest sees what the container link sees: a pulled cable is a carrier
+                // loss in the VM too, whatever the plumbing mode (a TAP or macvtap keeps its
+                // own carrier while QEMU holds it).
+                set_nic_link(qmp, &link, slot.nic, carrier).await;
             }
             LinkEvent::Removed(gone) => {
                 let Some(slot) = self.slots.iter().find(|s| s.name == gone && s.stitch.is_some()) else { return };
@@ -234,6 +242,14 @@ impl DataPlane {
                 self.drop_stitch(&gone, LinkState::Missing).await;
                 tracing::info!(link = %gone, nic, "link gone; NIC unplugged (it is plugged again if the link returns)");
             }
+        }
+    }
+
+    /// Tells the VM the carrier of every link that has none now (at start, the NICs come up
+    /// with carrier): called once QMP is connected.
+    pub async fn sync_carrier(&self, qmp: &Qmp) {
+        for slot in self.slots.iter().filter(|s| s.stitch.is_some() && s.state == LinkState::NoCarrier) {
+            set_nic_link(qmp, &slot.name, slot.nic, false).await;
         }
     }
 
@@ -285,6 +301,14 @@ impl DataPlane {
         for name in names {
             self.drop_stitch(&name, LinkState::Missing).await;
         }
+    }
+}
+
+/// Sets VM NIC `nic`'s link state; a failure is logged (the guest keeps its old state).
+async fn set_nic_link(qmp: &Qmp, link: &str, nic: u32, up: bool) {
+    match qmp.set_link(&format!("nic{nic}"), up).await {
+        Ok(()) => tracing::info!(link, nic, up, "VM NIC link state set"),
+        Err(err) => tracing::warn!(link, nic, up, err = %crate::logging::error_chain(&err), "set_link failed"),
     }
 }
 

@@ -111,6 +111,12 @@ impl Qmp {
         Ok(())
     }
 
+    /// Sets the link state of NIC `device` as the guest sees it (`set_link`): a virtio-net or
+    /// e1000 guest gets a carrier change, as when a cable is pulled or plugged.
+    pub async fn set_link(&self, device: &str, up: bool) -> Result<(), QmpError> {
+        self.execute(qapi::qmp::set_link { name: device.to_string(), up }).await.map(drop)
+    }
+
     /// Adds `device` (`device_add`); a `bus` property goes where QMP wants it.
     pub async fn device_add(&self, device: &Device) -> Result<(), QmpError> {
         let mut arguments = serde_json::Map::new();

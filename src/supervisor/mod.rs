@@ -248,6 +248,9 @@ impl Endpoint {
                                 run_state = state;
                             }
                             events = Some(stream);
+                            if let Some(plane) = &dataplane {
+                                plane.sync_carrier(&handle).await;
+                            }
                             // A stop requested while QEMU was starting goes out now.
                             if let Stop::PoweringDown { .. } = stop {
                                 press_power_button(&handle).await;

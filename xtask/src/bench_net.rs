@@ -45,7 +45,8 @@ use nix::errno::Errno;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
 use vial::config::Plumbing;
 use vial::net::links::{self, Link};
-use vial::net::plumb::{self, SelfCheck, Stitch};
+use vial::net::plumb::{self, Stitch};
+use vial::net::selfcheck::{self, SelfCheck};
 
 /// Rounds of each measurement; figures are medians.
 const ROUNDS: usize = 3;
@@ -442,7 +443,7 @@ impl Topology {
             let stitches = std::mem::take(&mut topology.stitches);
             topology.stitches = endpoint.block_on(move |_| async move {
                 for stitch in &stitches {
-                    let outcome = plumb::self_check(stitch).await.context("self-check")?;
+                    let outcome = selfcheck::self_check(stitch).await.context("self-check")?;
                     ensure!(outcome == SelfCheck::Passed, "self-check of {}: {outcome:?}", stitch.link.name);
                 }
                 Ok(stitches)
@@ -633,7 +634,7 @@ fn measure_setup(mode: Plumbing, count: u32) -> Result<SetupTimes> {
         let discover_stitch = ms(start);
         let start = Instant::now();
         // Side by side, as DataPlane::start runs them.
-        let outcomes = futures::future::join_all(stitches.iter().map(plumb::self_check)).await;
+        let outcomes = futures::future::join_all(stitches.iter().map(selfcheck::self_check)).await;
         for (stitch, outcome) in stitches.iter().zip(outcomes) {
             let outcome = outcome.context("self-check")?;
             ensure!(outcome == SelfCheck::Passed, "self-check of {}: {outcome:?}", stitch.link.name);

@@ -2,15 +2,19 @@
 //! the workspace with warnings as errors. `cargo xtask test` runs the shellcheck part first.
 //!
 //! A shell script is a file named `*.sh` or one whose first line is a `sh` or `bash` shebang
-//! (`.ci/run`), anywhere in the repository but `target/` and `.git/`. This module never edits
+//! (`.ci/run`), anywhere in the repository but `target/` and `.git/`, or a script that a
+//! profile's `[[first_boot]]` step writes into its guest with a here-document
+//! (`cat > FILE <<'EOF'` and a shebang; frr's `vial-lesson-config`). This module never edits
 //! a file: findings are fixed by hand, or silenced next to the line with a
 //! `# shellcheck disable=SCxxxx # reason` when they are false positives.
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context, Result};
+use vial::config::ProfileFile;
 
 /// The command: shellcheck, then clippy.
 pub(crate) fn run() -> Result<()> {
@@ -29,9 +33,64 @@ pub(crate) fn shellcheck() -> Result<()> {
     let relative: Vec<String> =
         scripts.iter().map(|p| p.strip_prefix(&root).unwrap_or(p).display().to_string()).collect();
     // Paths relative to the root (run_cmd runs there), so findings name files as in the tree.
-    crate::run_cmd("shellcheck", &relative)
-        .context("shellcheck found problems (fix them, or disable a false positive with its reason)")?;
-    println!("lint: shellcheck passed on {} scripts", relative.len());
+    let fix = "shellcheck found problems (fix them, or disable a false positive with its reason)";
+    crate::run_cmd("shellcheck", &relative).context(fix)?;
+    let embedded = profile_scripts(&root.join("vm-profiles"))?;
+    for (origin, script) in &embedded {
+        shellcheck_text(script).with_context(|| format!("in {origin}")).context(fix)?;
+    }
+    println!("lint: shellcheck passed on {} scripts and {} in profiles", relative.len(), embedded.len());
+    Ok(())
+}
+
+/// The scripts that profiles' first-boot steps write with a quoted here-document, each with
+/// where it comes from (`vm-profiles/frr.toml, step "..."`).
+fn profile_scripts(dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut scripts = Vec::new();
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let file = ProfileFile::load(&path).map_err(|problem| anyhow::anyhow!("{problem}"))?;
+        for step in &file.first_boot {
+            for script in here_document_scripts(step.send.as_deref().unwrap_or_default()) {
+                scripts.push((format!("{}, step \"{}\"", path.display(), step.name), script));
+            }
+        }
+    }
+    Ok(scripts)
+}
+
+/// The bodies of `<<'EOF'` here-documents in `text` that start with a shell shebang.
+fn here_document_scripts(text: &str) -> Vec<String> {
+    let mut scripts = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("<<'EOF'\n") {
+        let body = &rest[start + "<<'EOF'\n".len()..];
+        let end = body.find("\nEOF\n").or_else(|| body.strip_suffix("\nEOF").map(str::len)).unwrap_or(body.len());
+        let script = &body[..end];
+        if is_shell_shebang(script.lines().next().unwrap_or_default()) {
+            scripts.push(format!("{script}\n"));
+        }
+        rest = &body[end..];
+    }
+    scripts
+}
+
+/// shellcheck over a script given as text (on its standard input).
+fn shellcheck_text(script: &str) -> Result<()> {
+    let mut child = Command::new("shellcheck")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("running shellcheck (apt-get install shellcheck)")?;
+    child.stdin.take().expect("stdin is piped").write_all(script.as_bytes())?;
+    let status = child.wait()?;
+    ensure!(status.success(), "`shellcheck -` failed ({status})");
     Ok(())
 }
 
@@ -91,6 +150,23 @@ mod tests {
         assert!(!is_shell_shebang("#!/usr/bin/env python3"));
         assert!(!is_shell_shebang("# /bin/sh"));
         assert!(!is_shell_shebang("#!/bin/busybox"));
+    }
+
+    #[test]
+    fn here_documents() {
+        let send = "cat > /a <<'EOF'\n#!/bin/sh\necho a\nEOF\nchmod 0755 /a; cat > /b <<'EOF'\n[Unit]\nEOF\n\
+                    cat > /c <<'EOF'\n#!/bin/sh\necho c\nEOF";
+        assert_eq!(here_document_scripts(send), ["#!/bin/sh\necho a\n", "#!/bin/sh\necho c\n"]);
+        assert!(here_document_scripts("echo hi").is_empty());
+    }
+
+    /// Repository check: frr's first boot writes two scripts (vial-lesson-config and
+    /// vial-lesson-resumed), and lint finds them.
+    #[test]
+    fn finds_the_scripts_in_profiles() {
+        let scripts = profile_scripts(&crate::project_root().join("vm-profiles")).unwrap();
+        let frr = scripts.iter().filter(|(origin, _)| origin.contains("frr.toml")).count();
+        assert_eq!(frr, 2, "{scripts:#?}");
     }
 
     /// Repository check: the scripts lint covers include CI's entry point and the guest's.

@@ -1,8 +1,10 @@
-//! `cargo xtask image <profile> [--tag T] [--push] [--base IMAGE] [--source FILE] [--rebuild] [--no-cache]`:
-//! builds the endpoint image of one profile (Stage 1 of an endpoint image in DESIGN.md).
+//! `cargo xtask image <profile> [--tag T] [--push] [--base IMAGE] [--source FILE] [--rebuild] [--no-cache]
+//! [--print-dockerfile]`: builds the endpoint image of one profile (Stage 1 of an endpoint image
+//! in DESIGN.md).
 //!
-//! Every image is `dockerfiles/<profile>/Dockerfile` built over a staging directory,
-//! `target/image/<profile>/context/`, that this command fills: the static `vial`, the profile
+//! Every image is built from one template, `dockerfiles/Dockerfile.in`, rendered from the
+//! profile ([`dockerfile`]) into a staging directory, `target/image/<profile>/context/`, that
+//! this command fills: the rendered `Dockerfile`, the static `vial`, the profile
 //! (`vm-profiles/<profile>.toml`, which becomes `/etc/vial/profile.toml`), and the appliance's
 //! files. Where those files come from depends on the profile:
 //!
@@ -24,6 +26,7 @@
 
 pub(crate) mod base;
 pub(crate) mod debootstrap;
+pub(crate) mod dockerfile;
 pub(crate) mod first_boot;
 mod frr;
 mod vendor;
@@ -41,8 +44,8 @@ use crate::docker;
 const HELP: &str = "\
 Usage: cargo xtask image <profile> [options]
 
-Builds the endpoint image vial/<profile> from dockerfiles/<profile>/Dockerfile and
-vm-profiles/<profile>.toml. Profiles: linux, frr, cumulus, vqfx.
+Builds the endpoint image vial/<profile> from vm-profiles/<profile>.toml and the Dockerfile
+that dockerfiles/Dockerfile.in renders from it. Profiles: linux, frr, cumulus, vqfx.
 
 Options:
   --tag T          tag the image T (default vial/<profile>:latest)
@@ -53,6 +56,8 @@ Options:
                    vqfx: env VIAL_VQFX_SOURCE)
   --rebuild        ignore this command's caches (base image, root filesystem, first boot)
   --no-cache       ignore Docker's layer cache too (docker build --no-cache)
+  --print-dockerfile
+                   print the profile's rendered Dockerfile and exit without building
 
 Environment: VIAL_ACCEL (accelerator of the first boot: tcg, the default, or kvm),
 VIAL_DEBIAN_MIRROR (default http://deb.debian.org/debian).
@@ -76,6 +81,8 @@ pub(crate) struct Options {
     /// Ignore Docker's layer cache (`docker build --no-cache`), so that a build is cold
     /// end to end; `cargo xtask bench images` times such builds.
     pub no_cache: bool,
+    /// Print the rendered Dockerfile instead of building.
+    pub print_dockerfile: bool,
 }
 
 impl Options {
@@ -93,6 +100,7 @@ impl Options {
                 "--push" => options.push = true,
                 "--rebuild" => options.rebuild = true,
                 "--no-cache" => options.no_cache = true,
+                "--print-dockerfile" => options.print_dockerfile = true,
                 flag if flag.starts_with('-') => bail!("unknown option `{flag}`\n\n{HELP}"),
                 name if options.profile.is_empty() => options.profile = name.to_string(),
                 extra => bail!("unexpected argument `{extra}`\n\n{HELP}"),
@@ -107,6 +115,8 @@ impl Options {
 pub(crate) struct ImageProfile {
     /// `vm-profiles/<name>.toml`.
     pub path: PathBuf,
+    /// The profile file's `description`, one line for people.
+    pub description: String,
     /// The profile with its paths resolved as in the image (against `/etc/vial`).
     pub profile: Profile,
 }
@@ -125,9 +135,10 @@ pub(crate) fn load_profile(name: &str) -> Result<ImageProfile> {
         profile_names().join(", ")
     );
     let file = ProfileFile::load(&path).map_err(|problem| anyhow::anyhow!("{problem}"))?;
+    let description = file.description.clone();
     let config = Config::from_file(file, PathBuf::from(IMAGE_PROFILE_PATH), &Overrides::default(), name)
         .map_err(|err| anyhow::anyhow!("{} is not a valid profile:\n{err}", path.display()))?;
-    Ok(ImageProfile { path, profile: config.profile })
+    Ok(ImageProfile { path, description, profile: config.profile })
 }
 
 fn profile_names() -> Vec<String> {
@@ -167,6 +178,10 @@ pub(crate) fn run(args: &[&str]) -> Result<()> {
         return Ok(());
     }
     let options = Options::parse(args)?;
+    if options.print_dockerfile {
+        print!("{}", dockerfile::dockerfile(&load_profile(&options.profile)?)?);
+        return Ok(());
+    }
     let started = Instant::now();
     let built = build(&options)?;
     println!("image: {built} built in {:.0} s", started.elapsed().as_secs_f64());
@@ -176,11 +191,8 @@ pub(crate) fn run(args: &[&str]) -> Result<()> {
 /// Builds the image `options` ask for and returns its tag.
 pub(crate) fn build(options: &Options) -> Result<String> {
     let image = load_profile(&options.profile)?;
-    let dockerfile = crate::project_root().join("dockerfiles").join(&options.profile).join("Dockerfile");
-    let dockerfile_text = fs::read_to_string(&dockerfile)
-        .with_context(|| format!("reading {} (every profile needs one)", dockerfile.display()))?;
-    check_exposed_ports(&dockerfile_text, &image.profile)
-        .with_context(|| format!("{} does not match {}", dockerfile.display(), image.path.display()))?;
+    let dockerfile_text = dockerfile::dockerfile(&image)?;
+    let files = dockerfile::image_files(&image)?;
     // A vendor profile without its disk image stops here, before anything slow.
     let vendor_source = match options.profile.as_str() {
         "cumulus" | "vqfx" => Some(vendor::source(&options.profile, options.source.as_deref())?),
@@ -216,22 +228,25 @@ pub(crate) fn build(options: &Options) -> Result<String> {
     }
     fs::create_dir_all(&context)?;
 
+    // The image's files go where the Dockerfile's COPY takes them from.
+    let staged = context.join(&files.staged);
     match options.profile.as_str() {
         "linux" => {
             let guest = crate::guest::run()?;
-            fs::create_dir_all(context.join("guest"))?;
+            fs::create_dir_all(&staged)?;
             for file in ["vmlinux", "initrd.img"] {
-                link_or_copy(&guest.join(file), &context.join("guest").join(file))?;
+                link_or_copy(&guest.join(file), &staged.join(file))?;
             }
         }
-        "frr" => frr::stage(&image, &context, options.rebuild)?,
+        "frr" => frr::stage(&image, &staged, options.rebuild)?,
         "cumulus" | "vqfx" => {
-            vendor::stage(&image, vendor_source.as_deref().expect("checked above"), &context, options.rebuild)?
+            vendor::stage(&image, vendor_source.as_deref().expect("checked above"), &staged, options.rebuild)?
         }
         other => bail!("no recipe for profile `{other}`: add one in xtask/src/image.rs"),
     }
     fs::copy(&image.path, context.join("profile.toml"))?;
     link_or_copy(&vial, &context.join("vial"))?;
+    // Exactly what `docker build` sees, and what `--print-dockerfile` prints.
     fs::write(context.join("Dockerfile"), &dockerfile_text)?;
 
     let build_args = [
@@ -240,7 +255,8 @@ pub(crate) fn build(options: &Options) -> Result<String> {
         format!("REVISION={}", revision()),
         format!("SOURCE={}", repository()),
     ];
-    // No network: the Dockerfiles only copy, and a build must not depend on one.
+    // No network: the Dockerfile only copies files and runs vial, and a build must not depend
+    // on one.
     let mut args = vec!["build".to_string(), "--network".into(), "none".into(), "--tag".into(), tag.clone()];
     for arg in build_args {
         args.extend(["--build-arg".into(), arg]);
@@ -282,7 +298,9 @@ fn smoke_check(tag: &str) -> Result<()> {
 }
 
 /// Every `EXPOSE` of the Dockerfile must be a forward of the profile and the other way round,
-/// so `docker run -P` and the documentation never disagree with what `vial` forwards.
+/// so `docker run -P` and the documentation never disagree with what `vial` forwards. The
+/// renderer writes `EXPOSE` from the forwards; its tests check the result with this.
+#[cfg(test)]
 pub(crate) fn check_exposed_ports(dockerfile: &str, profile: &Profile) -> Result<()> {
     let mut exposed: Vec<String> = dockerfile
         .lines()
@@ -453,35 +471,27 @@ mod tests {
                 base: None,
                 source: None,
                 rebuild: true,
-                no_cache: true
+                no_cache: true,
+                print_dockerfile: false,
             }
         );
+        assert!(Options::parse(&["frr", "--print-dockerfile"]).unwrap().print_dockerfile);
         assert!(Options::parse(&[]).is_err());
         assert!(Options::parse(&["frr", "--tag"]).is_err());
         assert!(Options::parse(&["frr", "--fast"]).is_err());
         assert!(Options::parse(&["frr", "vqfx"]).is_err());
     }
 
-    /// Repository check: every profile has a Dockerfile whose EXPOSE lines match its forwards,
-    /// and every Dockerfile builds FROM the base argument and runs vial as PID 1.
+    /// Repository check: every profile loads and renders a Dockerfile (the renderer's own
+    /// tests check the lines of each).
     #[test]
-    fn every_profile_has_a_matching_dockerfile() {
+    fn every_profile_renders_a_dockerfile() {
         let names = profile_names();
         assert!(names.len() >= 4, "{names:?}");
         for name in names {
             let image = load_profile(&name).unwrap();
-            let path = crate::project_root().join("dockerfiles").join(&name).join("Dockerfile");
-            let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            check_exposed_ports(&text, &image.profile).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            for needle in [
-                "FROM ${BASE}",
-                "ENTRYPOINT [\"/vial\"]",
-                "CMD [\"/vial\", \"health\"]",
-                "STOPSIGNAL SIGTERM",
-                "vial.profile=",
-            ] {
-                assert!(text.contains(needle), "{}: no `{needle}`", path.display());
-            }
+            let text = dockerfile::dockerfile(&image).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            check_exposed_ports(&text, &image.profile).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         }
     }
 

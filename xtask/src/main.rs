@@ -12,6 +12,7 @@ mod dist;
 mod docker;
 mod guest;
 mod image;
+mod lint;
 mod setup;
 mod test;
 
@@ -42,6 +43,8 @@ Commands:
           Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
   image   build the endpoint image of a profile (linux, frr, cumulus, vqfx) offline,
           first boot included: `cargo xtask image <profile> [--tag T] [--push]`; --help
+  lint    shellcheck over every shell script, then cargo clippy --workspace --all-targets
+          -- -D warnings
   setup   install the Debian packages building and testing need (as root)
   test    setup, dist, guest, then every test of the workspace (what CI runs);
           arguments after `--` go to `cargo test`
@@ -91,6 +94,7 @@ fn try_main() -> Result<()> {
         ["bench", "images", rest @ ..] => bench_image::run(rest)?,
         ["demo", rest @ ..] => demo::run(rest)?,
         ["image", rest @ ..] => image::run(rest)?,
+        ["lint"] => lint::run()?,
         ["setup"] => setup::run()?,
         ["test", rest @ ..] => test::run(rest.strip_prefix(&["--"]).unwrap_or(rest))?,
         [] | ["help" | "-h" | "--help"] => print!("{HELP}"),

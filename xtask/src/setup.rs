@@ -26,6 +26,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
     ("openssh-client", "/usr/bin/ssh"),
     ("sshpass", "/usr/bin/sshpass"),
+    // `cargo xtask lint` (and the shellcheck part of `cargo xtask test`).
+    ("shellcheck", "/usr/bin/shellcheck"),
 ];
 
 fn installed(package: &str, proof: &str) -> bool {

@@ -80,9 +80,9 @@ const DISK_SIZE: &str = "2G";
 /// Part of the cache keys: bump when this file changes how the root filesystem is made.
 const ROOTFS_VERSION: u32 = 1;
 
-/// Fills `context/images/` with the kernel, the initramfs and the first-booted disk, under the
-/// file names the profile gives them.
-pub(super) fn stage(image: &ImageProfile, context: &Path, rebuild: bool) -> Result<()> {
+/// Fills `staged`, the build context's directory for the image's files (`images/`), with the
+/// kernel, the initramfs and the first-booted disk, under the file names the profile gives them.
+pub(super) fn stage(image: &ImageProfile, staged: &Path, rebuild: bool) -> Result<()> {
     let profile = &image.profile;
     let (Some(boot), [disk]) = (&profile.boot, profile.disks.as_slice()) else {
         bail!("{}: the frr recipe needs a [boot] kernel and initrd and exactly one disk", image.path.display());
@@ -106,9 +106,8 @@ pub(super) fn stage(image: &ImageProfile, context: &Path, rebuild: bool) -> Resu
     let shipped =
         super::first_booted_disk(image, &work, &rootfs_stamp, make_disk, Some(host_boot), host_disk, rebuild)?;
 
-    let images = context.join("images");
-    fs::create_dir_all(&images)?;
-    let name = |path: &Path| images.join(path.file_name().expect("validated profile paths name files"));
+    fs::create_dir_all(staged)?;
+    let name = |path: &Path| staged.join(path.file_name().expect("validated profile paths name files"));
     super::link_or_copy(&shipped, &name(&disk.path))?;
     super::link_or_copy(&kernel, &name(&boot.kernel))?;
     let profile_initrd = boot.initrd.as_ref().context("the frr profile needs an initrd")?;

@@ -93,8 +93,9 @@ pub(super) fn source(profile: &str, flag: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-/// Fills `context/images/` with the first-booted disk under the profile's file name.
-pub(super) fn stage(image: &ImageProfile, source: &Path, context: &Path, rebuild: bool) -> Result<()> {
+/// Fills `staged`, the build context's directory for the image's files (`images/`), with the
+/// first-booted disk under the profile's file name.
+pub(super) fn stage(image: &ImageProfile, source: &Path, staged: &Path, rebuild: bool) -> Result<()> {
     let profile = &image.profile;
     let ([disk], None) = (profile.disks.as_slice(), &profile.boot) else {
         bail!("{}: a vendor profile boots exactly one disk and no [boot] kernel", image.path.display());
@@ -119,9 +120,8 @@ pub(super) fn stage(image: &ImageProfile, source: &Path, context: &Path, rebuild
     };
     let boot_disk = Disk { path: scratch.clone(), format: "qcow2".into(), interface: disk.interface.clone() };
     let shipped = super::first_booted_disk(image, &work, &source_stamp, make_disk, None, boot_disk, rebuild)?;
-    let images = context.join("images");
-    fs::create_dir_all(&images)?;
-    super::link_or_copy(&shipped, &images.join(disk.path.file_name().expect("validated profile paths name files")))
+    fs::create_dir_all(staged)?;
+    super::link_or_copy(&shipped, &staged.join(disk.path.file_name().expect("validated profile paths name files")))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! `cargo xtask image <profile> [--tag T] [--push] [--base IMAGE] [--source FILE] [--rebuild] [--no-cache]
-//! [--print-dockerfile]`: builds the endpoint image of one profile (Stage 1 of an endpoint image
-//! in DESIGN.md).
+//! [--print-dockerfile]`: builds the endpoint image of one profile, first boot and RAM
+//! snapshot included (dockerfiles/README.md).
 //!
 //! Every image is built from one template, `dockerfiles/Dockerfile.in`, rendered from the
 //! profile ([`dockerfile`]) into a staging directory, `target/image/<profile>/context/`, that

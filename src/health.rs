@@ -156,10 +156,15 @@ pub struct Response {
     pub body: Vec<u8>,
     /// An answer to HEAD: [`Response::to_bytes`] sends the head only.
     pub head_only: bool,
+    /// `/watch`: the body is the first status line, and the connection stays open for one
+    /// more line at each change (no `Content-Length`).
+    pub stream: bool,
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
+/// One compact JSON status per line (`/watch`).
+const NDJSON: &str = "application/x-ndjson";
 
 impl Response {
     /// A `text/plain` response with `code`'s standard reason phrase.
@@ -171,19 +176,17 @@ impl Response {
             allow: None,
             body: body.into().into_bytes(),
             head_only: false,
+            stream: false,
         }
     }
 
     /// The bytes to send: an HTTP/1.0 head that announces the close, then the body unless
     /// this answers a HEAD.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut head = format!(
-            "HTTP/1.0 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-            self.code,
-            self.reason,
-            self.content_type,
-            self.body.len()
-        );
+        let mut head = format!("HTTP/1.0 {} {}\r\nContent-Type: {}\r\n", self.code, self.reason, self.content_type);
+        if !self.stream {
+            head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        }
         if let Some(allow) = self.allow {
             head.push_str(&format!("Allow: {allow}\r\n"));
         }
@@ -217,6 +220,7 @@ enum Route {
     Live,
     Ready,
     Status,
+    Watch,
 }
 
 /// The path part of a request target: the query and fragment cut off, and the scheme and
@@ -241,13 +245,16 @@ fn target_path(target: &str) -> &str {
 ///
 /// `/live` is 200 whenever the supervisor answers at all, even once the VM failed, because it
 /// is the supervisor's liveness; `/ready` is 200 only in phase `ready`, else 503 with
-/// `<state>: <reason>`; `/status` (and `/`) is the JSON status. GET and HEAD only.
+/// `<state>: <reason>`; `/status` (and `/`) is the JSON status; `/watch` streams the status,
+/// one compact JSON line now and one at every change, until the supervisor is gone (so a
+/// launcher learns of `ready` at once, without polling). GET and HEAD only.
 pub fn respond(request: &Request, status: &Status, now: Instant) -> Response {
     let path = target_path(&request.path);
     let route = match path {
         "/live" => Route::Live,
         "/ready" => Route::Ready,
         "/status" | "/" => Route::Status,
+        "/watch" => Route::Watch,
         _ => {
             let mut response = Response::text(404, format!("no route {path}; try {ROUTES}\n"));
             response.head_only = request.method == "HEAD";
@@ -278,9 +285,17 @@ pub fn respond(request: &Request, status: &Status, now: Instant) -> Response {
             }
             Err(error) => Response::text(500, format!("cannot encode the status: {error}\n")),
         },
+        Route::Watch => Response { content_type: NDJSON, body: status_line(status, now), stream: !head_only, ..Response::text(200, "") },
     };
     response.head_only = head_only;
     response
+}
+
+/// One `/watch` line: the compact JSON status and a newline.
+fn status_line(status: &Status, now: Instant) -> Vec<u8> {
+    let mut line = status.to_json(now).to_string().into_bytes();
+    line.push(b'\n');
+    line
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,10 +403,10 @@ enum ReadError {
 }
 
 /// Reads one request, answers it and closes: one response per connection, as in HTTP/1.0.
-async fn serve_connection(mut stream: UnixStream, status: watch::Receiver<Status>, limits: Limits) {
+async fn serve_connection(mut stream: UnixStream, mut status: watch::Receiver<Status>, limits: Limits) {
     let read = tokio::time::timeout(limits.timeout, read_request(&mut stream, limits.max_request_bytes));
     let response = match read.await {
-        Ok(Ok(request)) => answer(&request, &status),
+        Ok(Ok(request)) => answer(&request, &mut status),
         Ok(Err(ReadError::Closed)) => {
             tracing::debug!("health socket: client closed without a request");
             return;
@@ -417,19 +432,44 @@ async fn serve_connection(mut stream: UnixStream, status: watch::Receiver<Status
     let bytes = response.to_bytes();
     let write = async {
         stream.write_all(&bytes).await?;
+        if response.stream {
+            watch_lines(&mut stream, status, limits).await?;
+        }
         stream.shutdown().await
     };
-    match tokio::time::timeout(limits.timeout, write).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::debug!(%error, "health socket: client left before the response was sent"),
-        Err(_elapsed) => tracing::debug!("health socket: client did not take the response in time"),
+    let bounded = async {
+        if response.stream {
+            // Each line of a watch is bounded in `watch_lines`; the watch itself is not.
+            write.await.map(Some)
+        } else {
+            Ok(tokio::time::timeout(limits.timeout, write).await.ok().transpose()?)
+        }
+    };
+    match bounded.await {
+        Ok(Some(())) => {}
+        Ok(None) => tracing::debug!("health socket: client did not take the response in time"),
+        Err(error) => tracing::debug!(%error, "health socket: client left before the response was sent"),
     }
 }
 
-/// [`respond`] to the current status. The watch borrow holds a read lock, so it lives in this
-/// synchronous function and never across an await, where it would stall the supervisor's send.
-fn answer(request: &Request, status: &watch::Receiver<Status>) -> Response {
-    respond(request, &status.borrow(), Instant::now())
+/// Writes one status line at every change until the status sender is gone (the supervisor
+/// exits; its last status was the last line) or the client stops reading.
+async fn watch_lines(stream: &mut UnixStream, mut status: watch::Receiver<Status>, limits: Limits) -> io::Result<()> {
+    while status.changed().await.is_ok() {
+        let line = status_line(&status.borrow_and_update(), Instant::now());
+        match tokio::time::timeout(limits.timeout, stream.write_all(&line)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "watch client not reading")),
+        }
+    }
+    Ok(())
+}
+
+/// [`respond`] to the current status, marking it seen (a `/watch` then sends the changes after
+/// it). The watch borrow holds a read lock, so it lives in this synchronous function and never
+/// across an await, where it would stall the supervisor's send.
+fn answer(request: &Request, status: &mut watch::Receiver<Status>) -> Response {
+    respond(request, &status.borrow_and_update(), Instant::now())
 }
 
 /// Reads until the request head is complete, at most `max + 1` bytes: one past the limit is
@@ -940,6 +980,41 @@ mod tests {
         });
         assert_eq!(server.query("/live").await.unwrap(), (200, "live\n".into()));
         assert_eq!(server.query("/ready").await.unwrap(), (503, format!("failed: {KILLED}\n")));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn watch_streams_a_line_now_and_one_per_change_until_the_supervisor_is_gone() {
+        use tokio::io::AsyncBufReadExt;
+        let mut server = Server::start("watch", Limits::default(), status(Phase::Booting, None));
+        let mut stream = server.connect().await;
+        stream.write_all(b"GET /watch HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut line = String::new();
+        let mut next_line = async |line: &mut String| {
+            line.clear();
+            tokio::time::timeout(PATIENCE, reader.read_line(line)).await.expect("a line in time").unwrap()
+        };
+        // The head, without a Content-Length, then a blank line.
+        next_line(&mut line).await;
+        assert_eq!(line, "HTTP/1.0 200 OK\r\n");
+        let mut head = Vec::new();
+        while next_line(&mut line).await > 0 && line != "\r\n" {
+            head.push(line.clone());
+        }
+        assert!(head.iter().any(|h| h.contains("application/x-ndjson")), "{head:?}");
+        assert!(!head.iter().any(|h| h.starts_with("Content-Length")), "{head:?}");
+        let state = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["state"].clone();
+        next_line(&mut line).await;
+        assert_eq!(state(&line), "booting");
+        server.status.send_modify(|status| status.phase = Phase::Ready);
+        next_line(&mut line).await;
+        assert_eq!(state(&line), "ready");
+        // The supervisor goes: the stream ends after the last status.
+        server.status.send_modify(|status| status.phase = Phase::Stopped);
+        next_line(&mut line).await;
+        assert_eq!(state(&line), "stopped");
+        drop(std::mem::replace(&mut server.status, watch::channel(Status::new("gone")).0));
+        assert_eq!(next_line(&mut line).await, 0, "the stream ends with the supervisor");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -163,6 +163,11 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// The `vial` binary the sandbox runs.
+    pub fn vial(&self) -> &std::path::Path {
+        &self.vial
+    }
+
     /// What every run of `vial` in the sandbox gets: its profile, directories and name, and
     /// TCG (DEVELOPERS.md: the machines here cannot run KVM guests).
     pub fn env(&self) -> Vec<(&'static str, String)> {

@@ -396,7 +396,7 @@ fn run_container(image: &str, network: &Network, lesson: &Path, run_dir: &Path, 
         own.extend_from_slice(extra);
         vial::contract::DockerRun { name, image, network: network.name(), lesson, extra: &own }.args()
     });
-    Ok(container.with_context(|| format!("starting a container of {image}"))?)
+    container.with_context(|| format!("starting a container of {image}"))
 }
 
 /// While containers run, a first Ctrl-C only sets a flag, so the wait ends with an error and

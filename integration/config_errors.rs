@@ -5,7 +5,7 @@ use crate::support::*;
 use std::process::Command;
 
 fn vial(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
-    let dir = TempDir::new("cfg");
+    let dir = temp_dir("cfg");
     let output = Command::new(vial_bin())
         .args(args)
         .env_clear()
@@ -34,7 +34,7 @@ fn error_lines(stderr: &str) -> Vec<&str> {
 
 #[test]
 fn unknown_profile_field() {
-    let dir = TempDir::new("unknown");
+    let dir = temp_dir("unknown");
     let profile = profile_with(&dir, |t| t.replace("vcpus = 1", "vcpus = 1\nmemroy = \"1G\""));
     let (code, stderr) = vial(&[("VIAL_PROFILE", &profile)], &[]);
     assert_eq!(code, 78, "{stderr}");
@@ -45,7 +45,7 @@ fn unknown_profile_field() {
 
 #[test]
 fn bad_memory_size_in_profile_and_in_env() {
-    let dir = TempDir::new("mem");
+    let dir = temp_dir("mem");
     let profile = profile_with(&dir, |t| t.replace("memory = \"256M\"", "memory = \"lots\""));
     let (code, stderr) = vial(&[("VIAL_PROFILE", &profile)], &[]);
     assert_eq!(code, 78, "{stderr}");
@@ -59,7 +59,7 @@ fn bad_memory_size_in_profile_and_in_env() {
 
 #[test]
 fn bad_flag_value_names_the_flag() {
-    let dir = TempDir::new("flag");
+    let dir = temp_dir("flag");
     let profile = profile_with(&dir, |t| t);
     let (code, stderr) = vial(&[("VIAL_PROFILE", &profile)], &["--accel", "warp"]);
     assert_eq!(code, 78, "{stderr}");
@@ -74,7 +74,7 @@ fn unknown_flag_is_a_usage_error() {
 
 #[test]
 fn missing_disk() {
-    let dir = TempDir::new("disk");
+    let dir = temp_dir("disk");
     let profile = profile_with(&dir, |t| {
         let start = t.find("[boot]").unwrap();
         let end = t.find("[network]").unwrap();
@@ -108,7 +108,7 @@ fn unknown_vial_variable() {
 
 #[test]
 fn missing_qemu_binary() {
-    let dir = TempDir::new("noqemu");
+    let dir = temp_dir("noqemu");
     let profile = profile_with(&dir, |t| t);
     let (code, stderr) = vial(&[("VIAL_PROFILE", &profile), ("VIAL_QEMU", "/nonexistent/qemu-system-x86_64")], &[]);
     assert_eq!(code, 69, "{stderr}");
@@ -120,7 +120,7 @@ fn missing_qemu_binary() {
 #[test]
 fn forced_kvm_without_kvm() {
     // /dev/kvm may work on this host; point the probe's view at a namespace without it.
-    let dir = TempDir::new("nokvm");
+    let dir = temp_dir("nokvm");
     let profile = profile_with(&dir, |t| t);
     let output = Command::new("unshare")
         .args(["--mount", "--", "sh", "-c", "mount --bind /dev/null /dev/kvm 2>/dev/null; exec \"$0\""])
@@ -137,7 +137,7 @@ fn forced_kvm_without_kvm() {
 
 #[test]
 fn snapshot_settings_a_user_can_get_wrong() {
-    let dir = TempDir::new("snapcfg");
+    let dir = temp_dir("snapcfg");
     let profile = profile_with(&dir, |t| t);
     let (code, stderr) = vial(&[("VIAL_PROFILE", &profile), ("VIAL_SNAPSHOT", "yes")], &[]);
     assert_eq!(code, 78, "{stderr}");

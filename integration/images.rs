@@ -8,12 +8,14 @@
 //! engine logic lives in one place. Containers join a network of their own in 198.18.X.0/24;
 //! the tests reach them only there. Every container and network is removed on every path.
 
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::{http_get, repo, wait_until, TempDir, BOOT_TIMEOUT};
+use testkit::docker::{self, Container, Network, Reach};
+
+use crate::support::{http_get, repo, temp_dir, wait_until, BOOT_TIMEOUT};
 
 /// A `frr` guest is a full Debian boot: give it longer than the busybox guest under TCG.
 const FRR_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -46,148 +48,71 @@ fn build_image(profile: &str) -> String {
     format!("vial/{profile}:latest")
 }
 
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker").args(args).stdin(Stdio::null()).output().expect("running docker")
+/// Third octets of the tests' networks: 198.18.0.0/24 is `cargo xtask demo`'s, 240 and up
+/// `cargo xtask bench images`'.
+const OCTETS: RangeInclusive<u8> = 40..=239;
+
+/// A network with a gateway on the host, which the tests reach the containers through.
+fn network() -> Network {
+    Network::create("vialimg-net", OCTETS, Reach::Host).unwrap()
 }
 
-/// `docker args...`, which must succeed; its stdout, trimmed.
-fn docker_ok(args: &[&str]) -> String {
-    let output = docker(args);
-    assert!(output.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+/// A data link between endpoints: no gateway, nothing but the containers on it.
+fn link() -> Network {
+    Network::create("vialimg-net", OCTETS, Reach::Internal).unwrap()
 }
 
-fn unique_name(kind: &str) -> (String, u32) {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let k = NEXT.fetch_add(1, Ordering::SeqCst);
-    (format!("vialimg-{kind}-{}-{k}", std::process::id()), k)
-}
-
-/// A user-defined Docker network in 198.18.X.0/24, removed on drop.
-struct Network {
-    name: String,
-}
-
-impl Network {
-    /// A network with a gateway on the host, which the tests reach the containers through.
-    fn new() -> Network {
-        Network::create(&[])
-    }
-
-    /// A data link between endpoints: no gateway, nothing but the containers on it.
-    fn link() -> Network {
-        Network::create(&["--internal"])
-    }
-
-    fn create(options: &[&str]) -> Network {
-        let (name, k) = unique_name("net");
-        // 198.18.0.0/24 is `cargo xtask demo`'s; spread the rest by pid, and step over
-        // subnets that another network already holds.
-        let first = (std::process::id() * 7 + k * 13) % 200;
-        for attempt in 0..20 {
-            let octet = 40 + (first + attempt * 11) % 200;
-            let subnet = format!("198.18.{octet}.0/24");
-            let mut args = vec!["network", "create", "--subnet", &subnet];
-            args.extend_from_slice(options);
-            args.push(&name);
-            let output = docker(&args);
-            if output.status.success() {
-                return Network { name };
-            }
-            let err = String::from_utf8_lossy(&output.stderr);
-            assert!(err.contains("overlap"), "docker network create {subnet} failed: {err}");
-        }
-        panic!("no free 198.18.X.0/24 subnet for a test network");
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = docker(&["network", "rm", &self.name]);
-    }
-}
-
-/// A detached container, force-removed on drop.
-struct Container {
-    name: String,
-    /// The network the test reaches it through (its eth0).
-    network: String,
-}
-
-impl Container {
-    /// `docker run -d` of an endpoint image on `network` with the lesson directory mounted.
-    fn run(image: &str, network: &Network, lesson: &Path, extra: &[&str]) -> Container {
-        let (name, _) = unique_name("ep");
+/// `docker run -d` of an endpoint image on `network` with the lesson directory mounted.
+fn run_endpoint(image: &str, network: &Network, lesson: &Path, extra: &[&str]) -> Container {
+    Container::run("vialimg-ep", network, |name| {
         let mut own = vec!["-e", "VIAL_ACCEL=tcg"];
         own.extend_from_slice(extra);
-        let run = vial::contract::DockerRun { name: &name, image, network: &network.name, lesson, extra: &own };
-        let args = run.args();
-        // The guard exists before `docker run`, so a container that was created but failed
-        // to start is removed too.
-        let container = Container { name: name.clone(), network: network.name.clone() };
-        docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        container
-    }
+        vial::contract::DockerRun { name, image, network: network.name(), lesson, extra: &own }.args()
+    })
+    .unwrap()
+}
 
-    fn inspect(&self, format: &str) -> String {
-        docker_ok(&["inspect", "--format", format, &self.name])
-    }
-
-    /// Its address on the network the test reaches it through.
-    fn address(&self) -> std::net::Ipv4Addr {
-        let format = format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", self.network);
-        self.inspect(&format).parse().expect("an IPv4 address")
-    }
-
-    /// Plugs a data link in, as an orchestrator does after the start (it becomes eth1, ...).
+/// What the tests ask of an endpoint's container.
+trait Endpoint {
     /// vial's JSON status, from inside the container.
-    fn status(&self) -> serde_json::Value {
-        let output = docker(&["exec", &self.name, "/vial", "health", "--status"]);
-        serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|err| panic!("no status from {} ({err}):\n{}", self.name, self.logs()))
-    }
-
-    fn connect(&self, link: &Network) {
-        docker_ok(&["network", "connect", &link.name, &self.name]);
-    }
-
-    fn logs(&self) -> String {
-        let output = docker(&["logs", &self.name]);
-        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-    }
-
+    fn status(&self) -> serde_json::Value;
     /// Waits for Docker's health check to say `healthy`; returns how long that took.
+    fn wait_healthy(&self, timeout: Duration) -> Duration;
+    /// `docker stop` with Docker's default grace; the guest must have powered off by itself:
+    /// exit code 0 (a SIGKILL after the grace would be 137) and vial saying so.
+    fn stop_cleanly(&self);
+}
+
+impl Endpoint for Container {
+    fn status(&self) -> serde_json::Value {
+        let output = docker::output(&["exec", self.name(), "/vial", "health", "--status"]).unwrap();
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|err| panic!("no status from {} ({err}):\n{}", self.name(), self.logs(None)))
+    }
+
     fn wait_healthy(&self, timeout: Duration) -> Duration {
         let started = Instant::now();
         loop {
-            let health = self.inspect("{{.State.Health.Status}} {{.State.Status}}");
+            let health = self.inspect("{{.State.Health.Status}} {{.State.Status}}").unwrap();
             if health.starts_with("healthy") {
                 return started.elapsed();
             }
             if health.ends_with("exited") || started.elapsed() > timeout {
-                panic!("container not healthy after {:?} ({health}):\n{}", started.elapsed(), self.logs());
+                panic!("container not healthy after {:?} ({health}):\n{}", started.elapsed(), self.logs(None));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
-    /// `docker stop` with Docker's default grace; the guest must have powered off by itself:
-    /// exit code 0 (a SIGKILL after the grace would be 137) and vial saying so.
     fn stop_cleanly(&self) {
         let started = Instant::now();
-        docker_ok(&["stop", &self.name]);
+        docker::stdout(&["stop", self.name()]).unwrap();
         let elapsed = started.elapsed();
-        let code = self.inspect("{{.State.ExitCode}}");
-        let logs = self.logs();
+        let code = self.inspect("{{.State.ExitCode}}").unwrap();
+        let logs = self.logs(None);
         assert_eq!(code, "0", "exit code {code} after docker stop ({elapsed:?}):\n{logs}");
         assert!(logs.contains("guest powered off"), "vial did not report a power-off:\n{logs}");
         println!("docker stop took {elapsed:?}");
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = docker(&["rm", "--force", &self.name]);
     }
 }
 
@@ -225,15 +150,15 @@ fn frr_turn() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn linux_image_becomes_healthy_serves_the_lesson_and_stops_cleanly() {
     let image = build_image("linux");
-    let lesson = TempDir::new("image-linux");
+    let lesson = temp_dir("image-linux");
     let text = "Hello from the lesson directory, through an endpoint image.\n";
     std::fs::write(lesson.path().join("hello.txt"), text).unwrap();
-    let network = Network::new();
-    let container = Container::run(&image, &network, lesson.path(), &[]);
+    let network = network();
+    let container = run_endpoint(&image, &network, lesson.path(), &[]);
     let took = container.wait_healthy(BOOT_TIMEOUT);
     println!("linux: container start to healthy in {took:?}");
-    assert_eq!(container.status()["boot"]["from"], "snapshot", "{}", container.logs());
-    let addr = container.address();
+    assert_eq!(container.status()["boot"]["from"], "snapshot", "{}", container.logs(None));
+    let addr = container.address().unwrap();
     let body = wait_until(Duration::from_secs(10), "the lesson file over HTTP", || http_get(addr, 80, "/hello.txt"));
     assert_eq!(body, text);
     container.stop_cleanly();
@@ -244,7 +169,7 @@ fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
     let image = build_image("frr");
     let _turn = frr_turn();
     // The endpoint's own folder in the lesson directory, as vial-lesson-config looks for it.
-    let lesson = TempDir::new("image-frr");
+    let lesson = temp_dir("image-frr");
     let configs = lesson.path().join("frr1");
     std::fs::create_dir_all(&configs).unwrap();
     std::fs::write(
@@ -252,14 +177,14 @@ fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
         "frr defaults traditional\nhostname frr1\n!\nrouter ospf\n ospf router-id 192.0.2.11\n!\n",
     )
     .unwrap();
-    let network = Network::new();
+    let network = network();
     // A cold boot (the OSPF test below starts from the image's snapshot). The endpoint's name
     // is the container's host name, as a lab tool sets it; vial hands it to the guest.
-    let container = Container::run(&image, &network, lesson.path(), &["--hostname", "frr1", "-e", "VIAL_SNAPSHOT=off"]);
+    let container = run_endpoint(&image, &network, lesson.path(), &["--hostname", "frr1", "-e", "VIAL_SNAPSHOT=off"]);
     let took = container.wait_healthy(FRR_BOOT_TIMEOUT);
     println!("frr: container start to healthy in {took:?} (cold boot)");
     assert_eq!(container.status()["boot"]["from"], "cold");
-    let addr = container.address();
+    let addr = container.address().unwrap();
 
     let (ok, version) = ssh(addr, "sudo vtysh -c 'show version'");
     assert!(ok && version.contains("FRRouting"), "sudo vtysh -c 'show version' over SSH:\n{version}");
@@ -311,41 +236,41 @@ fn ospf_lesson(lesson: &Path) {
 fn two_frr_endpoints_cabled_through_eth1_form_an_ospf_adjacency_from_lesson_files() {
     let image = build_image("frr");
     let _turn = frr_turn();
-    let lesson = TempDir::new("image-ospf");
+    let lesson = temp_dir("image-ospf");
     ospf_lesson(lesson.path());
-    let management = Network::new();
-    let cable = Network::link();
+    let management = network();
+    let cable = link();
     let routers: Vec<Container> = ["r1", "r2"]
         .iter()
         .map(|name| {
             let router =
-                Container::run(&image, &management, lesson.path(), &["--hostname", name, "-e", "VIAL_DATA_IFACES=1"]);
-            router.connect(&cable);
+                run_endpoint(&image, &management, lesson.path(), &["--hostname", name, "-e", "VIAL_DATA_IFACES=1"]);
+            router.connect(&cable).unwrap();
             router
         })
         .collect();
     for router in &routers {
         let took = router.wait_healthy(FRR_BOOT_TIMEOUT);
-        println!("{}: healthy after {took:?} more", router.name);
+        println!("{}: healthy after {took:?} more", router.name());
         // From the image's RAM snapshot: the lesson share and eth1 were hot-plugged after it
         // loaded, and the guest took its name and frr.conf then.
         let status = router.status();
-        assert_eq!(status["boot"]["from"], "snapshot", "{status}\n{}", router.logs());
+        assert_eq!(status["boot"]["from"], "snapshot", "{status}\n{}", router.logs(None));
     }
     // Each sees the other, over eth1, with the configuration the lesson directory gave it.
     for (router, neighbor) in routers.iter().zip(["192.0.2.2", "192.0.2.1"]) {
-        let addr = router.address();
+        let addr = router.address().unwrap();
         let started = Instant::now();
         loop {
             let (ok, neighbors) = ssh(addr, "sudo vtysh -c 'show ip ospf neighbor'");
             if ok && neighbors.lines().any(|l| l.starts_with(neighbor) && l.contains("Full")) {
-                println!("{}: {}", router.name, neighbors.trim());
+                println!("{}: {}", router.name(), neighbors.trim());
                 break;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "{} has no full adjacency with {neighbor}:\n{neighbors}\n{}",
-                router.name,
+                router.name(),
                 ssh(addr, "ip -br addr; sudo vtysh -c 'show running-config'").1
             );
             std::thread::sleep(Duration::from_secs(1));

@@ -2,25 +2,18 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+pub use testkit::sandbox::children;
+use testkit::sandbox::{Environment, Layout};
+pub use testkit::{wait_until, TempDir};
 
 /// How long a TCG guest may take to become ready on a loaded 2-core machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Polls `condition` every 100 ms until it holds or `timeout` passes.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,53 +34,35 @@ pub fn guest_dir() -> PathBuf {
     dir
 }
 
-/// A fresh directory under target/ that is removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = repo().join("target/itest").join(format!(
-            "{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let output = cmd.output().unwrap_or_else(|err| panic!("{cmd:?}: {err}"));
-    assert!(output.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    output
+/// A fresh directory under target/itest, removed when dropped.
+pub fn temp_dir(tag: &str) -> TempDir {
+    TempDir::new(&repo().join("target/itest"), tag).unwrap()
 }
 
 pub fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
+    testkit::sandbox::ip(args).unwrap();
 }
 
-/// An endpoint sandbox: a network namespace whose eth0 is a veth from the test's namespace,
-/// a lesson directory, a run directory and the `linux` profile bundle.
+/// testkit's endpoint sandbox as the tests use it: the repository's `linux` profile and the
+/// built guest, in a temporary directory, with an address in 198.19.X.0/24 picked by pid;
+/// `vial`'s log in `vial.log`; every failure a panic.
 pub struct Sandbox {
-    pub netns: String,
-    host_if: String,
-    pub addr: Ipv4Addr,
+    inner: testkit::sandbox::Sandbox,
+    /// Dropped after `inner`, which stops the endpoint that writes there.
     pub dir: TempDir,
-    pub lesson: PathBuf,
-    pub run_dir: PathBuf,
-    pub profile: PathBuf,
-    child: Option<Child>,
+}
+
+impl Deref for Sandbox {
+    type Target = testkit::sandbox::Sandbox;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl DerefMut for Sandbox {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
 }
 
 impl Sandbox {
@@ -96,91 +71,41 @@ impl Sandbox {
         let k = NEXT.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id() % 100_000;
         // 198.18.0.0/15 is set aside for benchmarking networks (RFC 2544): test traffic only.
-        let octet = 1 + (pid * 7 + k) % 250;
+        let octet = (1 + (pid * 7 + k) % 250) as u8;
         let netns = format!("vialt{pid}x{k}");
-        let host_if = format!("vh{pid}x{k}");
-        let dir = TempDir::new(tag);
-        let lesson = dir.path().join("lesson");
-        let run_dir = dir.path().join("run");
-        std::fs::create_dir_all(&lesson).unwrap();
-        let host_addr = format!("198.19.{octet}.1/24");
-        let addr = Ipv4Addr::new(198, 19, octet as u8, 2);
-        let _ = Command::new("ip").args(["netns", "del", &netns]).stderr(Stdio::null()).status();
-        ip(&["netns", "add", &netns]);
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-        ip(&["addr", "add", &host_addr, "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
-        ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        // The profile bundle: the repository's linux profile beside the built guest.
-        let bundle = dir.path().join("bundle");
-        std::fs::create_dir_all(&bundle).unwrap();
-        std::os::unix::fs::symlink(guest_dir(), bundle.join("guest")).unwrap();
-        let profile = bundle.join("profile.toml");
-        std::fs::copy(repo().join("vm-profiles/linux.toml"), &profile).unwrap();
-        Sandbox { netns, host_if, addr, dir, lesson, run_dir, profile, child: None }
+        let dir = temp_dir(tag);
+        let layout = Layout {
+            name: netns.clone(),
+            netns,
+            host_if: format!("vh{pid}x{k}"),
+            host_addr: Ipv4Addr::new(198, 19, octet, 1),
+            addr: Ipv4Addr::new(198, 19, octet, 2),
+            dir: dir.path().to_path_buf(),
+            vial: vial_bin(),
+            guest: guest_dir(),
+            profile: repo().join("vm-profiles/linux.toml"),
+        };
+        Sandbox { inner: testkit::sandbox::Sandbox::create(layout).unwrap(), dir }
     }
 
-    /// The environment every test run of `vial` gets.
-    pub fn env(&self) -> Vec<(String, String)> {
-        [
-            ("VIAL_PROFILE", self.profile.display().to_string()),
-            ("VIAL_RUN_DIR", self.run_dir.display().to_string()),
-            ("VIAL_STATE_DIR", self.dir.path().join("state").display().to_string()),
-            ("VIAL_LESSON_DIR", self.lesson.display().to_string()),
-            ("VIAL_ACCEL", "tcg".into()),
-            ("VIAL_NAME", self.netns.clone()),
-            ("VIAL_LOG", "debug".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
-
-    /// Starts `vial` as PID 1 of new PID and mount namespaces inside the network namespace,
-    /// with `extra` environment. `prelude` is shell run in the sandbox before exec (e.g. to
-    /// hide a device). Returns the host pid of `vial`.
+    /// Starts `vial` in the sandbox with a clean environment, debug logs to `vial.log` and
+    /// `extra` settings; `prelude` is shell run in the sandbox before exec (e.g. to hide a
+    /// device). Returns the host pid of `vial` (0 when it ended before it was seen).
     pub fn start(&mut self, extra: &[(&str, &str)], prelude: &str) -> u32 {
         let log = std::fs::File::create(self.dir.path().join("vial.log")).unwrap();
-        let script = format!("{prelude}\nexec \"$0\" \"$@\"");
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.netns,
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount",
-            "--kill-child",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .arg(vial_bin())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(self.env())
-        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        let child = cmd.spawn().expect("spawn ip netns exec unshare");
-        let unshare = child.id();
-        let child = self.child.insert(child);
-        // `unshare --fork` makes vial its child; find its pid as the host sees it. A vial that
-        // fails at once may be gone before it is seen: then there is no pid to return (0).
-        wait_until(Duration::from_secs(10), "vial to start in the sandbox", || {
-            children(unshare).first().copied().or_else(|| child.try_wait().unwrap().map(|_| 0))
-        })
+        let mut command = self.command(prelude, Environment::Clean);
+        command
+            .env("VIAL_LOG", "debug")
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.inner.spawn(command).unwrap()
     }
 
     /// Waits for the sandbox to end and returns vial's exit status (unshare passes it on).
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("started");
-        wait_until(timeout, "vial to exit", || child.try_wait().unwrap())
+        self.inner.wait(timeout).unwrap_or_else(|err| panic!("{err:?}\n--- vial log ---\n{}", self.log()))
     }
 
     pub fn log(&self) -> String {
@@ -189,9 +114,7 @@ impl Sandbox {
 
     /// `vial health <args>` from the test's side; (exit code, stdout).
     pub fn health(&self, args: &[&str]) -> (i32, String) {
-        let output =
-            Command::new(vial_bin()).arg("health").args(args).env("VIAL_RUN_DIR", &self.run_dir).output().unwrap();
-        (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).to_string())
+        self.inner.health(args).unwrap()
     }
 
     /// The JSON status, when the supervisor answers.
@@ -201,7 +124,7 @@ impl Sandbox {
     }
 
     pub fn wait_ready(&self) {
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         loop {
             let (code, out) = self.health(&[]);
             if code == 0 {
@@ -213,31 +136,11 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
 
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            // SIGKILL to unshare; --kill-child then kills vial, and the PID namespace with it.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(Stdio::null()).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    /// What the guest printed on its serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default()
     }
-}
-
-/// Direct children of `pid`, as the host sees them.
-pub fn children(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-                found.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    found
 }
 
 /// Processes whose command line mentions `needle` (QEMU's mentions its run directory).
@@ -318,11 +221,4 @@ pub fn veth_between(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, mtu: u32
     ]);
     ip(&["-n", ns_a, "link", "set", name_a, "up"]);
     ip(&["-n", ns_b, "link", "set", name_b, "up"]);
-}
-
-impl Sandbox {
-    /// What the guest printed on its serial console so far.
-    pub fn console(&self) -> String {
-        std::fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default()
-    }
 }

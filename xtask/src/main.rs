@@ -5,8 +5,6 @@
 //! lives in its own module and exposes a `run()` so commands can build on each other.
 
 mod bench;
-mod bench_image;
-mod bench_net;
 mod demo;
 mod dist;
 mod docker;
@@ -80,18 +78,18 @@ fn try_main() -> Result<()> {
             guest::run()?;
         }
         ["bench"] => {
-            bench::run()?;
-            bench_net::run()?;
-            bench_image::run(&[])?;
+            bench::vm::run()?;
+            bench::net::run()?;
+            bench::images::run(&[])?;
         }
-        ["bench", "vm"] => bench::run()?,
+        ["bench", "vm"] => bench::vm::run()?,
         // The packages it drives (iperf3, ethtool); `bench vm` installs them when run first.
         ["bench", "net"] => {
             setup::run()?;
-            bench_net::run()?;
+            bench::net::run()?;
         }
         // Not in the help: `bench images <profile>` limits the section to one profile.
-        ["bench", "images", rest @ ..] => bench_image::run(rest)?,
+        ["bench", "images", rest @ ..] => bench::images::run(rest)?,
         ["demo", rest @ ..] => demo::run(rest)?,
         ["image", rest @ ..] => image::run(rest)?,
         ["lint"] => lint::run()?,

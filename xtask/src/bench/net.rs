@@ -11,12 +11,12 @@
 //! - set-up time: discovery and `stitch` of 1, 8 and 32 links, then `self_check` and
 //!   `unstitch` of all, per mode.
 //!
-//! Every namespace is anonymous, made by unshare(2) on a thread of its own (with a private
-//! mount namespace: sysfs of that network namespace, for macvtap device numbers, and an empty
-//! `/run`, for the device nodes `tap::open_macvtap` makes). A namespace vanishes, with every
-//! interface in it, once its thread has ended and nothing holds it: no path leaves one behind,
-//! and no frame of the bench ever reaches the host's interfaces. iperf3 runs in them as child
-//! processes, each behind a guard that kills it by PID.
+//! Every namespace is anonymous, made by unshare(2) on a thread of its own (`testkit::netns`,
+//! with a private mount namespace: sysfs of that network namespace, for macvtap device
+//! numbers, and an empty `/run`, for the device nodes `tap::open_macvtap` makes). A namespace
+//! vanishes, with every interface in it, once its thread has ended and nothing holds it: no
+//! path leaves one behind, and no frame of the bench ever reaches the host's interfaces.
+//! iperf3 runs in them as child processes, each behind a guard that kills it by PID.
 //!
 //! The forwarder moves frames one `read` and one `write` at a time and leaves the offloads of
 //! each descriptor as the kernel made them, which differ by mode: a TAP has none until
@@ -29,20 +29,20 @@
 //! path, the baseline included, carries 1500-byte frames. The UDP figure is bounded by one
 //! iperf3 receiver thread sharing the machine's cores with the sender and the forwarder.
 
-use std::fs::File;
-use std::future::Future;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::errno::Errno;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use testkit::netns::{Filesystem, Netns};
+use testkit::stats::{median_by, ms_since as ms};
 use vial::config::Plumbing;
 use vial::net::links::{self, Link};
 use vial::net::plumb::{self, Stitch};
@@ -74,117 +74,26 @@ const TARGET_MS: f64 = 100.0;
 const MGMT: &str = "eth0";
 const MODES: [Plumbing; 3] = [Plumbing::Tc, Plumbing::Bridge, Plumbing::Macvtap];
 
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1000.0
+/// A namespace of the bench: with a private mount namespace whose sysfs is the network
+/// namespace's (macvtap device numbers) and whose `/run` is empty (the device nodes
+/// `tap::open_macvtap` makes).
+fn netns() -> Result<Netns> {
+    Ok(Netns::new(Filesystem::Private { empty: &["/run"] })?)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
-type Job = Box<dyn FnOnce(&tokio::runtime::Runtime, &Handle) + Send>;
-
-/// An anonymous network namespace and the one thread that lives in it, running jobs on a
-/// current-thread runtime with an rtnetlink connection of that namespace. Processes spawned
-/// from a job run in the namespace.
-struct Netns {
-    fd: OwnedFd,
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Netns {
-    fn new() -> Result<Netns> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let (ready, started) = mpsc::channel::<Result<OwnedFd>>();
-        let thread = std::thread::Builder::new().name("bench-netns".into()).spawn(move || {
-            let enter = || -> Result<(OwnedFd, tokio::runtime::Runtime, Handle)> {
-                use nix::mount::{mount, MsFlags};
-                use nix::sched::CloneFlags;
-                nix::sched::unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS)
-                    .context("unshare a network and mount namespace")?;
-                // Private first, so the mounts below never propagate to the host.
-                mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-                    .context("make mounts private")?;
-                // sysfs shows the network namespace of whoever mounts it.
-                mount(Some("sysfs"), "/sys", Some("sysfs"), MsFlags::empty(), None::<&str>).context("mount sysfs")?;
-                mount(Some("tmpfs"), "/run", Some("tmpfs"), MsFlags::empty(), Some("mode=755"))
-                    .context("mount a tmpfs on /run")?;
-                let netns = File::open("/proc/thread-self/ns/net").context("open the network namespace")?;
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                let handle = runtime.block_on(async {
-                    let (connection, handle, _) = rtnetlink::new_connection()?;
-                    tokio::spawn(connection);
-                    Ok::<_, std::io::Error>(handle)
-                })?;
-                Ok((OwnedFd::from(netns), runtime, handle))
-            };
-            match enter() {
-                Ok((fd, runtime, handle)) => {
-                    let _ = ready.send(Ok(fd));
-                    for job in queue {
-                        job(&runtime, &handle);
-                    }
-                }
-                Err(err) => {
-                    let _ = ready.send(Err(err));
-                }
-            }
-        })?;
-        let fd = started.recv().map_err(|_| anyhow!("the namespace thread died"))??;
-        Ok(Netns { fd, jobs: Some(jobs), thread: Some(thread) })
-    }
-
-    /// Runs `job` on the namespace's thread.
-    fn run<T: Send + 'static>(
-        &self,
-        job: impl FnOnce(&tokio::runtime::Runtime, &Handle) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let (reply, result) = mpsc::channel();
-        let job: Job = Box::new(move |runtime, handle| {
-            let _ = reply.send(job(runtime, handle));
-        });
-        self.jobs.as_ref().expect("jobs until drop").send(job).map_err(|_| anyhow!("the namespace thread is gone"))?;
-        result.recv().map_err(|_| anyhow!("a job panicked in a namespace thread (see its panic above)"))?
-    }
-
-    /// Runs an async job on the namespace's runtime.
-    fn block_on<T, F>(&self, job: impl FnOnce(Handle) -> F + Send + 'static) -> Result<T>
-    where
-        T: Send + 'static,
-        F: Future<Output = Result<T>>,
-    {
-        self.run(move |runtime, handle| runtime.block_on(job(handle.clone())))
-    }
-
-    fn fd(&self) -> Result<OwnedFd> {
-        Ok(self.fd.try_clone()?)
-    }
-
-    /// Spawns `program args` in the namespace.
-    fn spawn(&self, program: &str, args: Vec<String>, stdout: bool) -> Result<Running> {
-        let program = program.to_string();
-        self.run(move |_, _| {
-            let child = Command::new(&program)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("could not start {program} (cargo xtask setup installs it)"))?;
-            Ok(Running(child))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// Spawns `program args` in namespace `ns`.
+fn spawn(ns: &Netns, program: &str, args: Vec<String>, stdout: bool) -> Result<Running> {
+    let program = program.to_string();
+    ns.run(move |_, _| {
+        let child = Command::new(&program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("could not start {program} (cargo xtask setup installs it)"))?;
+        Ok(Running(child))
+    })
 }
 
 /// A child process, killed (by its PID) and reaped when dropped.
@@ -403,8 +312,8 @@ struct Topology {
 
 impl Topology {
     fn build(path: Path) -> Result<Topology> {
-        let a = Netns::new()?;
-        let b = Netns::new()?;
+        let a = netns()?;
+        let b = netns()?;
         let mut topology = Topology { forwarder: None, stitches: Vec::new(), endpoint: None, a, b };
         match path {
             Path::Veth => {
@@ -412,7 +321,7 @@ impl Topology {
                 topology.a.block_on(move |h| async move { add_veth(&h, "a0", "b0", &b_fd).await })?;
             }
             Path::Stitched(mode) => {
-                let endpoint = Netns::new()?;
+                let endpoint = netns()?;
                 for (ns, (name, peer)) in [(&topology.a, ("a0", "eth1")), (&topology.b, ("b0", "eth2"))] {
                     let endpoint_fd = endpoint.fd()?;
                     ns.block_on(move |h| async move { add_veth(&h, name, peer, &endpoint_fd).await })?;
@@ -455,7 +364,8 @@ impl Topology {
 
     /// One iperf3 run from A to B; its JSON `end.sum_received`.
     fn iperf(&self, extra: &[&str]) -> Result<serde_json::Value> {
-        let server = self.b.spawn(
+        let server = spawn(
+            &self.b,
             "iperf3",
             ["-s", "-1", "-B", &ADDR_B.to_string(), "-p", &IPERF_PORT.to_string()].map(String::from).to_vec(),
             false,
@@ -467,7 +377,7 @@ impl Topology {
             .map(String::from)
             .collect();
         args.extend(extra.iter().map(|arg| arg.to_string()));
-        let client = self.a.spawn("iperf3", args.clone(), true)?;
+        let client = spawn(&self.a, "iperf3", args.clone(), true)?;
         let text = client
             .output(Duration::from_secs(IPERF_SECONDS.into()) + IPERF_GRACE)
             .with_context(|| format!("iperf3 {}", args.join(" ")))?;
@@ -499,8 +409,7 @@ impl Topology {
     /// Turns A's offloads off, so the TCP stream leaves in 1500-byte frames on every path.
     fn sender_offloads_off(&self) -> Result<()> {
         let args: Vec<String> = ["-K", SENDER].into_iter().chain(OFFLOADS).map(String::from).collect();
-        self.a
-            .spawn("ethtool", args.clone(), true)?
+        spawn(&self.a, "ethtool", args.clone(), true)?
             .output(Duration::from_secs(10))
             .map(drop)
             .with_context(|| format!("ethtool {}", args.join(" ")))
@@ -517,7 +426,7 @@ impl Topology {
                 for stitch in &stitches {
                     plumb::unstitch(&h, stitch).await.context("unstitch")?;
                 }
-                Ok(())
+                Ok::<_, anyhow::Error>(())
             })?;
         }
         Ok(())
@@ -533,7 +442,7 @@ impl Drop for Topology {
                 for stitch in &stitches {
                     let _ = plumb::unstitch(&h, stitch).await;
                 }
-                Ok(())
+                Ok::<_, anyhow::Error>(())
             });
         }
     }
@@ -603,8 +512,8 @@ struct SetupTimes {
 /// another), waits until they run, then times discovery + `stitch` of all, `self_check` of
 /// all, and `unstitch` of all.
 fn measure_setup(mode: Plumbing, count: u32) -> Result<SetupTimes> {
-    let endpoint = Netns::new()?;
-    let outside = Netns::new()?;
+    let endpoint = netns()?;
+    let outside = netns()?;
     let outside_fd = outside.fd()?;
     let names: Vec<String> = (1..=count).map(|n| format!("eth{n}")).collect();
     let to_make = names.clone();
@@ -613,13 +522,13 @@ fn measure_setup(mode: Plumbing, count: u32) -> Result<SetupTimes> {
             add_veth(&h, name, &format!("p{n}"), &outside_fd).await?;
             set_up(&h, name).await?;
         }
-        Ok(())
+        Ok::<_, anyhow::Error>(())
     })?;
     outside.block_on(move |h| async move {
         for n in 1..=count {
             set_up(&h, &format!("p{n}")).await?;
         }
-        Ok(())
+        Ok::<_, anyhow::Error>(())
     })?;
     let running = names.clone();
     endpoint.run(move |_, _| wait_running(&running))?;
@@ -699,8 +608,7 @@ pub(crate) fn run() -> Result<()> {
         }
     }
 
-    let med = |v: &[Traffic], f: fn(&Traffic) -> f64| median(v.iter().map(f).collect());
-    let base = |f: fn(&Traffic) -> f64| med(&traffic[0], f);
+    let base = |f: fn(&Traffic) -> f64| median_by(&traffic[0], f);
     let (base_tcp, base_frames, base_udp) =
         (base(|t| t.tcp_gbps), base(|t| t.tcp_frames_gbps), base(|t| t.udp_delivered));
     println!(
@@ -708,9 +616,9 @@ pub(crate) fn run() -> Result<()> {
     );
     println!("  path        TCP Gbit/s  ratio | TCP, A without offloads  ratio | UDP {UDP_PAYLOAD} B kframes/s delivered  ratio");
     for (path, rounds) in paths.iter().zip(&traffic) {
-        let tcp = med(rounds, |t| t.tcp_gbps);
-        let frames = med(rounds, |t| t.tcp_frames_gbps);
-        let udp = med(rounds, |t| t.udp_delivered);
+        let tcp = median_by(rounds, |t| t.tcp_gbps);
+        let frames = median_by(rounds, |t| t.tcp_frames_gbps);
+        let udp = median_by(rounds, |t| t.udp_delivered);
         println!(
             "  {:<10}  {tcp:10.2}  {:5.3} | {frames:16.2} Gbit/s  {:5.3} | {:>28.0}  {:5.3}",
             path.name(),
@@ -726,7 +634,7 @@ pub(crate) fn run() -> Result<()> {
     println!("  mode     links  discover+stitch        self-check          unstitch");
     let mut verdicts = Vec::new();
     for (mode, count, rounds) in &setups {
-        let med = |f: fn(&SetupTimes) -> f64| median(rounds.iter().map(f).collect());
+        let med = |f: fn(&SetupTimes) -> f64| median_by(rounds, f);
         let (stitch, check, unstitch) = (med(|t| t.discover_stitch), med(|t| t.self_check), med(|t| t.unstitch));
         let per = |total: f64| total / f64::from(*count);
         println!(

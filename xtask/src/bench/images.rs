@@ -31,13 +31,16 @@
 //! section while image tests run on the same engine; it removes the base it replaced when
 //! nothing uses it any more.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use testkit::docker::{Container, Network, Reach};
+use testkit::stats::{median_by, secs_since as secs};
+use testkit::TempDir;
 
 use crate::docker;
 use crate::image;
@@ -60,18 +63,9 @@ const STATE_EVERY: Duration = Duration::from_secs(1);
 const TARGET_SNAPSHOT_S: f64 = 2.0;
 /// Third octets of the bench's network: 198.18.0.0/24 is `cargo xtask demo`'s and the image
 /// tests take 40 to 239, so the bench keeps out of their way (and steps over whatever is taken).
-const SUBNET_OCTETS: std::ops::RangeInclusive<u32> = 240..=254;
+const SUBNET_OCTETS: std::ops::RangeInclusive<u8> = 240..=254;
 /// Lines of `docker logs` shown when a container fails.
 const LOG_LINES: usize = 40;
-
-fn secs(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
 
 /// The command: `[profile]` limits both parts to one image (not in the help; for checking the
 /// section without the slow `frr` builds).
@@ -161,7 +155,7 @@ fn measure_build(profile: &str) -> Result<(BuildTimes, Option<String>)> {
 /// cannot stop at an existing image. A tag held by a container stays: with `--no-cache` the
 /// build is cold all the same, so that is worth a note, not a failure.
 fn remove_tag(tag: &str) -> Result<()> {
-    let output = quiet_docker(&["image", "rm", tag])?;
+    let output = testkit::docker::output(&["image", "rm", tag])?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() && !stderr.contains("No such image") {
         println!(
@@ -177,7 +171,7 @@ fn remove_tag(tag: &str) -> Result<()> {
 /// refuses otherwise, and then they stay).
 fn remove_replaced_bases(ids: &[String]) {
     for id in ids {
-        match quiet_docker(&["image", "rm", id]) {
+        match testkit::docker::output(&["image", "rm", id]) {
             Ok(output) if output.status.success() => println!("images: removed the replaced base image {id}"),
             Ok(output) => println!(
                 "images: kept the replaced base image {id} ({})",
@@ -251,21 +245,24 @@ fn measure_starts(profile: &str, interrupted: &AtomicBool) -> Result<Vec<StartFi
     if docker::inspect_image(&tag, "{{.Id}}").is_none() {
         bail!("there is no image {tag}: build it with `cargo xtask image {profile}`");
     }
-    let scratch = Scratch::new(profile)?;
-    let lesson = scratch.path.join("lesson");
+    // Under the system's temporary directory: the health socket's path must fit in a
+    // `sockaddr_un`.
+    let scratch = TempDir::new(&std::env::temp_dir(), &format!("vialbench-{profile}"))
+        .context("creating the bench's scratch directory")?;
+    let lesson = scratch.path().join("lesson");
     std::fs::create_dir_all(&lesson).with_context(|| format!("creating {}", lesson.display()))?;
-    let network = Network::create()?;
+    let network = Network::create("vialbench-images", SUBNET_OCTETS, Reach::Host)?;
     println!(
         "{profile}: containers on network {} ({}), run directories under {}",
-        network.name,
-        network.subnet,
-        scratch.path.display()
+        network.name(),
+        network.subnet(),
+        scratch.path().display()
     );
     let has_snapshot = crate::image::load_profile(profile)?.profile.snapshot.is_some();
     let mut figures = Vec::new();
     for round in 1..=ROUNDS {
         for &start in starts_of(has_snapshot) {
-            let run_dir = scratch.path.join(format!("run-{}-{round}", start.name()));
+            let run_dir = scratch.path().join(format!("run-{}-{round}", start.name()));
             let measured = measure_start(&tag, start, &network, &lesson, &run_dir, interrupted)
                 .with_context(|| format!("round {round}, {} start", start.name()))?;
             println!(
@@ -293,13 +290,13 @@ fn measure_start(
 ) -> Result<StartFigures> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let started = Instant::now();
-    let container = Container::run(image, network, lesson, run_dir, start.args())?;
+    let container = run_container(image, network, lesson, run_dir, start.args())?;
     let socket = run_dir.join(vial::rundir::HEALTH);
     let ready = wait_ready(&container, &socket, started, interrupted)?;
     let boot = boot_field(&socket);
 
     let stopping = Instant::now();
-    docker::docker(&["stop", &container.name]).context("docker stop")?;
+    testkit::docker::stdout(&["stop", container.name()])?;
     let stop = secs(stopping);
     let exit_code = container.inspect("{{.State.ExitCode}}")?;
     Ok(StartFigures { start, ready, stop, exit_code, boot })
@@ -319,13 +316,13 @@ fn wait_ready(container: &Container, socket: &Path, started: Instant, interrupte
             Err(_) => {}
         }
         if interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted (Ctrl-C) while waiting for {} to become ready", container.name);
+            bail!("interrupted (Ctrl-C) while waiting for {} to become ready", container.name());
         }
         if started.elapsed() > READY_TIMEOUT {
             bail!(
                 "{} not ready after {READY_TIMEOUT:?} (last: {last}); the end of its log:\n{}",
-                container.name,
-                container.logs_tail()
+                container.name(),
+                container.logs(Some(LOG_LINES))
             );
         }
         if state_read.elapsed() >= STATE_EVERY {
@@ -334,8 +331,8 @@ fn wait_ready(container: &Container, socket: &Path, started: Instant, interrupte
             if state.starts_with("exited") || state.starts_with("dead") {
                 bail!(
                     "{} stopped before it was ready ({state}; last: {last}); the end of its log:\n{}",
-                    container.name,
-                    container.logs_tail()
+                    container.name(),
+                    container.logs(Some(LOG_LINES))
                 );
             }
         }
@@ -358,7 +355,7 @@ fn boot_field(socket: &Path) -> Option<String> {
 /// Prints the medians of one profile's starts and, when it has both, snapshot/cold.
 fn summarize_starts(profile: &str, figures: &[StartFigures]) {
     let of = |start: Start| -> Vec<&StartFigures> { figures.iter().filter(|f| f.start == start).collect() };
-    let med = |rows: &[&StartFigures], value: fn(&StartFigures) -> f64| median(rows.iter().map(|f| value(f)).collect());
+    let med = |rows: &[&StartFigures], value: fn(&StartFigures) -> f64| median_by(rows, |f| value(f));
     let codes = |rows: &[&StartFigures]| rows.iter().map(|f| f.exit_code.as_str()).collect::<Vec<_>>().join(", ");
     let (cold, snapshot, boot) = (of(Start::Cold), of(Start::Snapshot), of(Start::Boot));
     if !cold.is_empty() && !snapshot.is_empty() {
@@ -390,131 +387,16 @@ fn summarize_starts(profile: &str, figures: &[StartFigures]) {
 // What the section creates, each removed on drop.
 // ---------------------------------------------------------------------------------------------
 
-/// `docker args...` with its output, whatever its exit status; fails only when docker cannot
-/// be run.
-fn quiet_docker(args: &[&str]) -> Result<Output> {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running `docker {}`", args.join(" ")))
-}
-
-/// A fresh directory under the system's temporary directory (short, because the health
-/// socket's path must fit in a `sockaddr_un`), removed on drop with what the containers left.
-struct Scratch {
-    path: PathBuf,
-}
-
-impl Scratch {
-    fn new(profile: &str) -> Result<Scratch> {
-        let path = std::env::temp_dir().join(format!("vialbench-{profile}-{}", std::process::id()));
-        if path.exists() {
-            std::fs::remove_dir_all(&path).with_context(|| format!("removing the old {}", path.display()))?;
-        }
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Scratch { path })
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.path) {
-            eprintln!("images: could not remove {}: {err}", self.path.display());
-        }
-    }
-}
-
-/// The bench's user-defined network, in 198.18.X.0/24; removed on drop.
-struct Network {
-    name: String,
-    subnet: String,
-}
-
-impl Network {
-    /// Takes the first free subnet of [`SUBNET_OCTETS`], starting at one picked by pid so
-    /// that two benches rarely try the same ones.
-    fn create() -> Result<Network> {
-        let name = format!("vialbench-images-{}", std::process::id());
-        let (first, count) = (*SUBNET_OCTETS.start(), SUBNET_OCTETS.end() - SUBNET_OCTETS.start() + 1);
-        let offset = std::process::id() % count;
-        for step in 0..count {
-            let subnet = format!("198.18.{}.0/24", first + (offset + step) % count);
-            let output = quiet_docker(&["network", "create", "--subnet", &subnet, &name])?;
-            if output.status.success() {
-                return Ok(Network { name, subnet });
-            }
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            if !stderr.contains("overlap") {
-                bail!("`docker network create --subnet {subnet} {name}` failed: {}", stderr.trim());
-            }
-        }
-        bail!("no free subnet 198.18.X.0/24 with X in {SUBNET_OCTETS:?} for the bench's network")
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        remove(&["network", "rm", &self.name], "network", &self.name);
-    }
-}
-
-/// Runs a `docker` removal from a guard's `drop`; a failure is only reported.
-fn remove(args: &[&str], kind: &str, name: &str) {
-    match quiet_docker(args) {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => {
-            eprintln!("images: could not remove {kind} {name}: {}", String::from_utf8_lossy(&output.stderr).trim())
-        }
-        Err(err) => eprintln!("images: could not remove {kind} {name}: {err:#}"),
-    }
-}
-
-/// A detached container, force-removed on drop.
-struct Container {
-    name: String,
-}
-
-impl Container {
-    /// `docker run -d` of `image` on `network`, with the lesson directory at `/antidote`
-    /// (read-only) and `run_dir` at `/run/vial`, under TCG, plus `extra` arguments.
-    fn run(image: &str, network: &Network, lesson: &Path, run_dir: &Path, extra: &[&str]) -> Result<Container> {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!("vialbench-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let run_mount = format!("{}:/run/vial", run_dir.display());
+/// `docker run -d` of `image` on `network`, with the lesson directory at `/antidote`
+/// (read-only) and `run_dir` at `/run/vial`, under TCG, plus `extra` arguments.
+fn run_container(image: &str, network: &Network, lesson: &Path, run_dir: &Path, extra: &[&str]) -> Result<Container> {
+    let run_mount = format!("{}:/run/vial", run_dir.display());
+    let container = Container::run("vialbench", network, |name| {
         let mut own = vec!["-e", "VIAL_ACCEL=tcg", "-v", &run_mount];
         own.extend_from_slice(extra);
-        let run = vial::contract::DockerRun { name: &name, image, network: &network.name, lesson, extra: &own };
-        let args = run.args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        // The guard exists before `docker run`, so a container that was created but did not
-        // start is removed too.
-        let container = Container { name: name.clone() };
-        docker::docker(&args).with_context(|| format!("starting a container of {image}"))?;
-        Ok(container)
-    }
-
-    fn inspect(&self, format: &str) -> Result<String> {
-        let output = docker::docker(&["inspect", "--format", format, &self.name])?;
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
-    }
-
-    /// The last [`LOG_LINES`] lines of `docker logs` (vial logs to stderr).
-    fn logs_tail(&self) -> String {
-        let tail = LOG_LINES.to_string();
-        match quiet_docker(&["logs", "--tail", &tail, &self.name]) {
-            Ok(output) => {
-                format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
-            }
-            Err(err) => format!("(no log: {err:#})"),
-        }
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        remove(&["rm", "--force", &self.name], "container", &self.name);
-    }
+        vial::contract::DockerRun { name, image, network: network.name(), lesson, extra: &own }.args()
+    });
+    container.with_context(|| format!("starting a container of {image}"))
 }
 
 /// While containers run, a first Ctrl-C only sets a flag, so the wait ends with an error and

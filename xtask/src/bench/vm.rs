@@ -1,7 +1,7 @@
 //! `cargo xtask bench vm`, the first section of `cargo xtask bench`: what vial costs, as
 //! ratios against a baseline measured in the same run. Each round launches the same QEMU
 //! command line twice, once directly from here and once under `vial`, alternating, and polls
-//! the guest the same way in both. The other sections are `bench_net` and `bench_image`.
+//! the guest the same way in both. The other sections are `bench::net` and `bench::images`.
 //!
 //! - supervisor overhead: from exec to QEMU started, and to QMP negotiated;
 //! - time to ready of the `linux` guest (TCG), direct against under vial;
@@ -16,6 +16,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rtnetlink::LinkUnspec;
+use testkit::netns::{Filesystem, Netns};
+use testkit::stats::{median_by, ms_since as ms};
 
 /// The forwarded port the bench's profile uses (loopback only).
 const PORT: u16 = 18080;
@@ -29,10 +32,6 @@ struct Milestones {
     qmp_negotiated: f64,
     ready: f64,
     rss_kib: u64,
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1000.0
 }
 
 /// The readiness probe of the linux profile, done the same way for both launches.
@@ -171,33 +170,6 @@ impl Bench {
     }
 }
 
-/// The bench's network namespace: this thread (and so every process it starts) lives in it
-/// until the value is dropped, which returns to the original namespace and deletes it.
-struct BenchNamespace {
-    original: std::fs::File,
-    name: String,
-}
-
-impl BenchNamespace {
-    fn enter() -> Result<BenchNamespace> {
-        let name = format!("vialbench{}", std::process::id());
-        let original = std::fs::File::open("/proc/self/ns/net").context("opening this thread's network namespace")?;
-        crate::run_cmd("ip", &["netns", "add", &name])?;
-        let namespace = BenchNamespace { original, name };
-        crate::run_cmd("ip", &["-n", &namespace.name, "link", "set", "lo", "up"])?;
-        let target = std::fs::File::open(format!("/var/run/netns/{}", namespace.name))?;
-        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET).context("entering the bench namespace")?;
-        Ok(namespace)
-    }
-}
-
-impl Drop for BenchNamespace {
-    fn drop(&mut self) {
-        let _ = nix::sched::setns(&self.original, nix::sched::CloneFlags::CLONE_NEWNET);
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 fn rejoin_append(argv: Vec<String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut iter = argv.into_iter().peekable();
@@ -226,11 +198,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
 pub(crate) fn run() -> Result<()> {
     crate::setup::run()?;
     let vial = crate::dist::run()?;
@@ -248,32 +215,37 @@ pub(crate) fn run() -> Result<()> {
     std::fs::write(dir.join("bundle/profile.toml"), profile)?;
 
     // Both launches run in a network namespace of their own, holding only `lo`: vial would
-    // stitch any ethN it found, and the host's interfaces are not the bench's to touch.
-    let namespace = BenchNamespace::enter()?;
-    if probe(PORT) {
-        bail!("127.0.0.1:{PORT} already answers; stop whatever listens there");
-    }
-
+    // stitch any ethN it found, and the host's interfaces are not the bench's to touch. Every
+    // round runs on the namespace's thread, so what it spawns lives in the namespace too.
+    let namespace = Netns::new(Filesystem::Host).context("the bench's network namespace")?;
     let bench = Bench { vial: vial.clone(), dir };
-    let (mut direct, mut vialed) = (Vec::new(), Vec::new());
-    for round in 1..=ROUNDS {
-        let d = bench.direct().context("direct launch")?;
-        let v = bench.under_vial().context("launch under vial")?;
-        println!(
-            "round {round}: direct qmp {:.1} ms ready {:.0} ms | vial qemu {:.1} ms qmp {:.1} ms ready {:.0} ms rss {} KiB",
-            d.qmp_negotiated, d.ready, v.qemu_started, v.qmp_negotiated, v.ready, v.rss_kib
-        );
-        direct.push(d);
-        vialed.push(v);
-    }
-    let med = |v: &[Milestones], f: fn(&Milestones) -> f64| median(v.iter().map(f).collect());
-    let d_exec = med(&direct, |m| m.qemu_started);
-    let v_exec = med(&vialed, |m| m.qemu_started);
-    let d_qmp = med(&direct, |m| m.qmp_negotiated);
-    let v_qmp = med(&vialed, |m| m.qmp_negotiated);
-    let d_ready = med(&direct, |m| m.ready);
-    let v_ready = med(&vialed, |m| m.ready);
+    let (direct, vialed) = namespace.run(move |runtime, handle| -> Result<_> {
+        runtime
+            .block_on(handle.link().set(LinkUnspec::new_with_name("lo").up().build()).execute())
+            .context("bringing lo up in the bench's namespace")?;
+        if probe(PORT) {
+            bail!("127.0.0.1:{PORT} already answers; stop whatever listens there");
+        }
+        let (mut direct, mut vialed) = (Vec::new(), Vec::new());
+        for round in 1..=ROUNDS {
+            let d = bench.direct().context("direct launch")?;
+            let v = bench.under_vial().context("launch under vial")?;
+            println!(
+                "round {round}: direct qmp {:.1} ms ready {:.0} ms | vial qemu {:.1} ms qmp {:.1} ms ready {:.0} ms rss {} KiB",
+                d.qmp_negotiated, d.ready, v.qemu_started, v.qmp_negotiated, v.ready, v.rss_kib
+            );
+            direct.push(d);
+            vialed.push(v);
+        }
+        Ok((direct, vialed))
+    })?;
     drop(namespace);
+    let d_exec = median_by(&direct, |m| m.qemu_started);
+    let v_exec = median_by(&vialed, |m| m.qemu_started);
+    let d_qmp = median_by(&direct, |m| m.qmp_negotiated);
+    let v_qmp = median_by(&vialed, |m| m.qmp_negotiated);
+    let d_ready = median_by(&direct, |m| m.ready);
+    let v_ready = median_by(&vialed, |m| m.ready);
     let rss = vialed.iter().map(|m| m.rss_kib).max().unwrap_or(0);
     let size = std::fs::metadata(&vial)?.len();
     println!("\nmedians of {ROUNDS} rounds (TCG, linux guest):");

@@ -834,12 +834,8 @@ mod tests {
     }
 
     /// Polls `condition` until it holds; fails after PATIENCE.
-    async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !condition() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+        testkit::wait_until_async(PATIENCE, what, condition).await
     }
 
     #[test]
@@ -1129,7 +1125,7 @@ mod tests {
         // the rest at once; one that held more would never refuse this many.
         let mut received = vec![Vec::new(); total];
         let mut closed = vec![false; total];
-        wait_until("every connection beyond the cap is refused", || {
+        wait_until("every connection beyond the cap to be refused", || {
             let mut chunk = [0u8; 1024];
             for (index, client) in clients.iter().enumerate() {
                 while !closed[index] {

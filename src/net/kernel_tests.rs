@@ -4,19 +4,15 @@
 //! there). They vanish with the test; the host's interfaces are never touched. These tests
 //! fail, not skip, when not run as root.
 
-use std::fs::File;
-use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use netlink_packet_route::tc::TcAttribute;
-use nix::mount::{mount, MsFlags};
-use nix::sched::CloneFlags;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
 
 use super::links::{self, Link, LinkEvent, LinkWatcher, WaitError};
@@ -25,97 +21,18 @@ use super::selfcheck;
 use super::tap;
 use crate::config::Plumbing;
 use crate::sys;
+use testkit::netns::{Filesystem, Netns};
 
-type Job = Box<dyn FnOnce(&tokio::runtime::Runtime, &Handle) + Send>;
-
-/// A network namespace and the one thread that lives in it, running jobs on a current-thread
-/// runtime with an rtnetlink connection of that namespace.
-struct Netns {
-    fd: OwnedFd,
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+/// An anonymous network namespace with a thread in it (testkit's), with a private mount
+/// namespace and sysfs mounted from the network namespace (macvtap device numbers are read
+/// there).
+fn netns() -> Netns {
+    Netns::new(Filesystem::Private { empty: &[] }).unwrap()
 }
 
-fn assert_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the net kernel tests need root (network and mount namespaces, TAP, tc): run `cargo test` as root"
-    );
-}
-
-impl Netns {
-    fn new() -> Netns {
-        Netns::start(false)
-    }
-
-    /// Like a container's: `/dev` and `/run` are empty tmpfs (no udev, no devtmpfs), private to
-    /// the namespace's thread.
-    fn container_like() -> Netns {
-        Netns::start(true)
-    }
-
-    fn start(private_dev: bool) -> Netns {
-        assert_root();
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let (ready, fd) = mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            nix::sched::unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).expect("unshare");
-            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-                .expect("make mounts private");
-            // sysfs shows the network namespace of whoever mounts it.
-            mount(Some("sysfs"), "/sys", Some("sysfs"), MsFlags::empty(), None::<&str>).expect("mount sysfs");
-            if private_dev {
-                for dir in ["/dev", "/run"] {
-                    mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::empty(), Some("mode=755")).expect("mount tmpfs");
-                }
-            }
-            let netns = File::open("/proc/thread-self/ns/net").expect("open netns");
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let handle = runtime.block_on(async {
-                let (connection, handle, _) = rtnetlink::new_connection().unwrap();
-                tokio::spawn(connection);
-                handle
-            });
-            ready.send(OwnedFd::from(netns)).unwrap();
-            for job in queue {
-                job(&runtime, &handle);
-            }
-        });
-        let fd = fd.recv().expect("namespace thread failed");
-        Netns { fd, jobs: Some(jobs), thread: Some(thread) }
-    }
-
-    /// Runs `job` on the namespace's thread.
-    fn run<T: Send + 'static>(&self, job: impl FnOnce(&tokio::runtime::Runtime, &Handle) -> T + Send + 'static) -> T {
-        let (reply, result) = mpsc::channel();
-        let job: Job = Box::new(move |runtime, handle| {
-            let _ = reply.send(job(runtime, handle));
-        });
-        self.jobs.as_ref().unwrap().send(job).expect("namespace thread is gone");
-        result.recv().expect("the job panicked in the namespace thread (see its panic above)")
-    }
-
-    /// Runs an async job on the namespace's runtime.
-    fn block_on<T, F>(&self, job: impl FnOnce(Handle) -> F + Send + 'static) -> T
-    where
-        T: Send + 'static,
-        F: Future<Output = T>,
-    {
-        self.run(move |runtime, handle| runtime.block_on(job(handle.clone())))
-    }
-
-    fn fd(&self) -> OwnedFd {
-        self.fd.try_clone().unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// Like a container's: `/dev` and `/run` are empty tmpfs (no udev, no devtmpfs).
+fn container_like() -> Netns {
+    Netns::new(Filesystem::Private { empty: &["/dev", "/run"] }).unwrap()
 }
 
 async fn link_named(handle: &Handle, name: &str) -> Link {
@@ -359,12 +276,12 @@ fn comes_back(socket: &OwnedFd, frame: &[u8], timeout: Duration) -> bool {
 /// at the VM's side, sends every test frame from `wire` and reports which came back. Then
 /// unstitches and checks nothing is left.
 fn transparency(mode: Plumbing) -> Vec<(&'static str, bool)> {
-    transparency_in(mode, Netns::new())
+    transparency_in(mode, netns())
 }
 
 fn transparency_in(mode: Plumbing, endpoint: Netns) -> Vec<(&'static str, bool)> {
-    let outside = Netns::new();
-    let outside_fd = outside.fd();
+    let outside = netns();
+    let outside_fd = outside.fd().unwrap();
     let (link, before) = endpoint.block_on(move |h| async move {
         add_veth(&h, "eth1", "wire", Some(outside_fd), 9000).await;
         set_up(&h, "eth1").await;
@@ -453,7 +370,7 @@ fn macvtap_mode_passes_every_frame() {
 /// and removed at once.
 #[test]
 fn macvtap_mode_works_without_udev_and_leaves_no_device_node() {
-    let endpoint = Netns::container_like();
+    let endpoint = container_like();
     assert!(endpoint.run(|_, _| std::fs::read_dir("/dev").unwrap().next().is_none()), "/dev is not empty");
     let results = transparency_in(Plumbing::Macvtap, endpoint);
     assert_results(Plumbing::Macvtap, &results, &[]);
@@ -471,7 +388,7 @@ fn bridge_mode_passes_all_but_lacp() {
 
 #[test]
 fn a_tap_lives_exactly_as_long_as_its_descriptor() {
-    let endpoint = Netns::new();
+    let endpoint = netns();
     endpoint.block_on(|h| async move {
         let fd = tap::create_tap("vtap7").unwrap();
         let (name, flags) = sys::tun_get_iff(fd.as_fd()).unwrap();
@@ -486,7 +403,7 @@ fn a_tap_lives_exactly_as_long_as_its_descriptor() {
 
 #[test]
 fn waiting_for_three_links_when_two_exist_names_the_missing_one() {
-    let endpoint = Netns::new();
+    let endpoint = netns();
     let err = endpoint.block_on(|h| async move {
         add_veth(&h, "eth1", "eth2", None, 1500).await;
         set_up(&h, "eth1").await;
@@ -501,9 +418,9 @@ fn waiting_for_three_links_when_two_exist_names_the_missing_one() {
 
 #[test]
 fn a_link_that_arrives_while_waiting_completes_the_wait() {
-    let endpoint = Netns::new();
-    let outside = Netns::new();
-    let outside_fd = outside.fd();
+    let endpoint = netns();
+    let outside = netns();
+    let outside_fd = outside.fd().unwrap();
     let names = endpoint.block_on(move |h| async move {
         add_veth(&h, "eth1", "eth2", None, 1500).await;
         set_up(&h, "eth1").await;
@@ -531,9 +448,9 @@ fn a_link_that_arrives_while_waiting_completes_the_wait() {
 
 #[test]
 fn the_watcher_reports_links_added_and_removed_but_not_its_own_devices() {
-    let endpoint = Netns::new();
-    let outside = Netns::new();
-    let outside_fd = outside.fd();
+    let endpoint = netns();
+    let outside = netns();
+    let outside_fd = outside.fd().unwrap();
     endpoint.block_on(move |h| async move {
         add_veth(&h, "eth1", "eth2", None, 1500).await;
         set_up(&h, "eth1").await;
@@ -558,7 +475,7 @@ fn the_watcher_reports_links_added_and_removed_but_not_its_own_devices() {
 
 #[test]
 fn a_failed_stitch_removes_what_it_made() {
-    let endpoint = Netns::new();
+    let endpoint = netns();
     endpoint.block_on(|h| async move {
         add_veth(&h, "eth5", "eth6", None, 1500).await;
         set_up(&h, "eth5").await;
@@ -577,9 +494,9 @@ fn a_failed_stitch_removes_what_it_made() {
 #[test]
 fn tc_plumbing_set_up_time_for_1_8_and_32_links() {
     for count in [1u32, 8, 32] {
-        let endpoint = Netns::new();
-        let outside = Netns::new();
-        let outside_fd = outside.fd();
+        let endpoint = netns();
+        let outside = netns();
+        let outside_fd = outside.fd().unwrap();
         let (before, _outside_fd) = endpoint.block_on(move |h| async move {
             for n in 1..=count {
                 let peer = outside_fd.try_clone().unwrap();
@@ -626,9 +543,9 @@ fn tc_plumbing_set_up_time_for_1_8_and_32_links() {
 
 #[test]
 fn the_self_check_reports_a_link_without_carrier() {
-    let endpoint = Netns::new();
-    let outside = Netns::new();
-    let outside_fd = outside.fd();
+    let endpoint = netns();
+    let outside = netns();
+    let outside_fd = outside.fd().unwrap();
     let outcome = endpoint.block_on(move |h| async move {
         // The peer stays down in the other namespace, so eth1 has no carrier.
         add_veth(&h, "eth1", "wire", Some(outside_fd), 1500).await;

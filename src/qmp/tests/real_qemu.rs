@@ -1,7 +1,6 @@
 use super::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
 
 /// Kills QEMU (by its own pid, through `Child`) if a test ends before QEMU exited.
 struct Qemu {
@@ -20,12 +19,8 @@ impl Drop for Qemu {
 }
 
 /// Polls `condition` until it holds; panics after `PATIENCE`.
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    testkit::wait_until_async(PATIENCE, what, condition).await
 }
 
 async fn start_qemu(tag: &str, args: &[&str]) -> (Qemu, Qmp, Events) {
@@ -228,58 +223,26 @@ async fn guest_panic_then_stop() {
     assert!(wait_exit(&mut qemu).await.success());
 }
 
-/// Runs `test` on a thread of its own in a new network namespace, on a current-thread
-/// runtime, so the taps it creates touch no host interface. The namespace goes away with
-/// the thread and the QEMU it started. unshare(2) moves only the calling thread.
+/// Runs `test` on a thread of its own in a new network namespace (testkit's), so that the
+/// TAPs and QEMU it makes are gone with it.
 fn in_new_network_namespace<F, T>(test: F)
 where
     F: FnOnce() -> T + Send + 'static,
     T: std::future::Future<Output = ()>,
 {
-    let thread = std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("unshare(CLONE_NEWNET) failed: these tests need root (CAP_SYS_ADMIN)");
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(test());
-    });
-    if let Err(panic) = thread.join() {
-        std::panic::resume_unwind(panic);
-    }
+    testkit::netns::Netns::new(testkit::netns::Filesystem::Host).unwrap().block_on(|_| test());
 }
-
-/// `struct ifreq` (linux/if.h) as TUNSETIFF reads it: the name, then a 24-byte union
-/// whose `ifr_flags` comes first.
-#[repr(C)]
-struct InterfaceRequest {
-    name: [u8; 16],
-    flags: nix::libc::c_short,
-    rest_of_union: [u8; 22],
-}
-
-// TUNSETIFF = _IOW('T', 202, int) (linux/if_tun.h); the int is historical, it takes an ifreq.
-nix::ioctl_write_ptr_bad!(
-    tun_set_iff,
-    nix::request_code_write!(b'T', 202, std::mem::size_of::<nix::libc::c_int>()),
-    InterfaceRequest
-);
 
 /// Creates TAP `name` (IFF_TAP | IFF_NO_PI, as QEMU's own tap code asks) in the current
 /// network namespace and returns its descriptor; the interface lives while one is open.
-/// Test-only: vial's own tap opening belongs to `net` and `sys`.
 fn open_tap(name: &str) -> OwnedFd {
-    use nix::libc::{c_short, IFF_NO_PI, IFF_TAP};
-    assert!(name.len() < 16, "interface names have at most 15 bytes: {name}");
+    use nix::libc::{IFF_NO_PI, IFF_TAP};
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")
         .unwrap_or_else(|error| panic!("cannot open /dev/net/tun (these tests need it): {error}"));
-    let mut request =
-        InterfaceRequest { name: [0; 16], flags: (IFF_TAP | IFF_NO_PI) as c_short, rest_of_union: [0; 22] };
-    request.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads a struct ifreq (40 bytes on Linux), which InterfaceRequest
-    // lays out field for field and in size; `request` and `tun` outlive the call.
-    unsafe { tun_set_iff(tun.as_raw_fd(), &request) }
+    crate::sys::tun_set_iff(tun.as_fd(), name, (IFF_TAP | IFF_NO_PI) as i16)
         .unwrap_or_else(|error| panic!("TUNSETIFF {name} failed (needs CAP_NET_ADMIN): {error}"));
     OwnedFd::from(tun)
 }

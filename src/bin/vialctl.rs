@@ -3,7 +3,7 @@
 //! Each noun is a subcommand with its own verbs, so `up`, `down`, `status`, `graph`, `link`,
 //! `restart` and `stage` can join `lesson` without changing it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use vial::lesson::{self, Exit, LessonError, ValidateOptions, LESSON_FILE};
@@ -124,7 +124,7 @@ fn convert(args: &ConvertArgs) -> Exit {
         }
         Some(path) => match lesson::write_file(&path, &converted.text) {
             Ok(()) => {
-                eprintln!("wrote {}", display(&path));
+                eprintln!("wrote {}", path.display());
                 Exit::Ok
             }
             Err(err) => {
@@ -144,8 +144,4 @@ fn report(err: &dyn std::error::Error) {
         source = cause.source();
     }
     eprintln!("{line}");
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }

@@ -8,5 +8,6 @@ mod support;
 mod config_errors;
 mod dataplane;
 mod images;
+mod lesson;
 mod pid1;
 mod snapshot;

@@ -98,7 +98,7 @@ fn legacy_fixtures_are_recognised_and_point_to_convert() {
 
 #[test]
 fn legacy_fixtures_convert_to_lessons_that_validate() {
-    let tmp = TempDir::new("convert");
+    let tmp = temp_dir("convert");
     for (legacy, slug) in [("lesson-13-napalm", "napalm"), ("lesson-41-ansible-network", "ansible-network")] {
         let source = fixtures().join("_legacy-syringe").join(legacy);
         let target = tmp.path().join(slug);
@@ -118,7 +118,7 @@ fn legacy_fixtures_convert_to_lessons_that_validate() {
 
 #[test]
 fn convert_in_place_and_to_standard_output() {
-    let tmp = TempDir::new("inplace");
+    let tmp = temp_dir("inplace");
     let dir = tmp.path().join("lesson-13-napalm");
     std::fs::create_dir_all(&dir).unwrap();
     let legacy = fixtures().join("_legacy-syringe/lesson-13-napalm/lesson.meta.yaml");
@@ -177,7 +177,7 @@ stages:
 
 #[test]
 fn stage_config_files_present_pass_and_a_missing_one_is_named() {
-    let tmp = TempDir::new("files");
+    let tmp = temp_dir("files");
     let dir = tmp.path().join("three-ways");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("lesson.meta.yaml"), MADE_UP).unwrap();
@@ -207,7 +207,7 @@ fn stage_config_files_present_pass_and_a_missing_one_is_named() {
 
 #[test]
 fn a_broken_lesson_reports_every_problem_with_its_place() {
-    let tmp = TempDir::new("broken");
+    let tmp = temp_dir("broken");
     let dir = tmp.path().join("three-ways");
     std::fs::create_dir_all(&dir).unwrap();
     let text = MADE_UP

@@ -21,6 +21,9 @@ pub mod exit;
 pub mod forward;
 /// The health socket: an HTTP/1.0 responder over a Unix socket, and the `vial health` client.
 pub mod health;
+/// A lesson running on one container host (`vialctl`): plan, runtime (Docker), wiring,
+/// readiness, stage configuration, state.
+pub mod lab;
 /// Lessons (antidote-core v0.6+): the `lesson.meta.yaml` and `image.meta.yaml` models, validation
 /// that reports every problem as `file:line:column`, and conversion of Syringe-era lessons.
 pub mod lesson;

@@ -1,10 +1,15 @@
 //! Logging set-up: `tracing` to stderr (Docker keeps it as the container's log), filtered by
 //! `VIAL_LOG` (e.g. `debug`, `vial=debug`); `info` by default.
 
-/// Installs the subscriber once; later calls do nothing.
+/// Installs the subscriber once (`VIAL_LOG`, `info` by default); later calls do nothing.
 pub fn init() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    init_with("VIAL_LOG", "info");
+}
+
+/// Installs the subscriber once, filtered by the variable `var` or else by `default`.
+pub fn init_with(var: &str, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(var)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only for a person at a terminal; container logs and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()

@@ -98,6 +98,14 @@ pub enum LessonError {
         /// The lesson file.
         file: PathBuf,
     },
+    /// The lesson to bring up is not valid; each problem is printed on its own line.
+    #[error("{} is not a valid lesson ({} problem(s)):\n{}", dir.display(), problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The lesson directory.
+        dir: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
     /// The lesson has problems `convert` cannot get past, each printed on its own.
     #[error("{} problem(s) prevent the conversion", problems.len())]
     Unconvertible {
@@ -132,7 +140,9 @@ impl LessonError {
             LessonError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Exit::NoInput,
             LessonError::Read { .. } => Exit::IoErr,
             LessonError::Write { .. } => Exit::CantCreate,
-            LessonError::NotLegacy { .. } | LessonError::Unconvertible { .. } => Exit::DataErr,
+            LessonError::NotLegacy { .. } | LessonError::Unconvertible { .. } | LessonError::Invalid { .. } => {
+                Exit::DataErr
+            }
         }
     }
 }
@@ -176,6 +186,21 @@ pub fn validate_dir(dir: &Path, options: ValidateOptions) -> Result<Vec<Problem>
             Problem::in_file(&file, d)
         })
         .collect())
+}
+
+/// The lesson in `dir`, valid (with its per-stage files checked), for `vialctl up`; otherwise
+/// every problem, as `validate_dir` finds them.
+pub fn load(dir: &Path) -> Result<Lesson, LessonError> {
+    let problems = validate_dir(dir, ValidateOptions { file_checks: true })?;
+    if !problems.is_empty() {
+        return Err(LessonError::Invalid { dir: dir.to_path_buf(), problems });
+    }
+    let file = dir.join(LESSON_FILE);
+    let text = read(&file)?;
+    Lesson::parse(&text).map_err(|diagnostics| LessonError::Invalid {
+        dir: dir.to_path_buf(),
+        problems: diagnostics.into_iter().map(|d| Problem::in_file(&file, d)).collect(),
+    })
 }
 
 /// Converts the Syringe-era lesson in `dir`. The new slug is `slug`, or else derived from the

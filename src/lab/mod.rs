@@ -1,0 +1,804 @@
+//! A lesson running on one container host: what `vialctl` does. `up` turns a valid lesson
+//! into a plan (`plan`, pure), writes it down (`state`) before making anything, then makes the
+//! management network, one veth pair per connection, one container per endpoint, and walks
+//! every endpoint through start, wiring, readiness (`probe`), its presentations and its stage
+//! configuration (`configure`) side by side, at most `--max-booting` cold VM boots at once.
+//! Every wait is bounded by one deadline; a failure names the endpoint, its phase and its last
+//! words, and removes what `up` made. `down`, `status`, `link`, `restart` and `stage` work
+//! from the state file alone.
+//!
+//! The engine is behind [`runtime::Runtime`] (Docker in `docker`); the kernel work (veths,
+//! addresses, link state) is `wire`'s. This module never talks to QEMU: VM endpoints are
+//! known only through vial's health socket.
+
+pub mod catalog;
+pub mod configure;
+pub mod docker;
+pub mod graph;
+pub mod plan;
+pub mod probe;
+pub mod progress;
+pub mod runtime;
+pub mod state;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::lesson::{self, LessonError};
+use catalog::{Catalog, CatalogError};
+use configure::ConfigureError;
+use plan::{EndpointPlan, ImageChoice, Kind, Plan, CREDENTIALS_LABEL, ENDPOINT_LABEL, LESSON_LABEL, PROFILE_LABEL};
+use progress::{Phase, Progress};
+use runtime::{Bind, ContainerSpec, NetworkSpec, Publish, Runtime, RuntimeError};
+use state::{LessonState, StateDir, StateError};
+use wire::{Side, WireError};
+
+/// The configurator image when `--configurator` names none.
+pub const CONFIGURATOR: &str = "vial/configurator:latest";
+/// How many lines of an endpoint's console or log a failure shows.
+const LOG_LINES: usize = 20;
+
+/// Everything `up` can be told.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The lesson directory.
+    pub lesson_dir: PathBuf,
+    /// The stage to configure (0-based, as `stage<N>/` directories are numbered).
+    pub stage: usize,
+    /// `--image SLUG=REF` overrides.
+    pub images: Vec<String>,
+    /// Cold VM boots at once.
+    pub max_booting: usize,
+    /// The bound on the whole `up`.
+    pub timeout: Duration,
+    /// Keep what was made when `up` fails.
+    pub keep: bool,
+    /// The MTU of every data link.
+    pub mtu: u32,
+    /// A pool to take the management network's /24 from; the engine's own pool when `None`.
+    pub mgmt_pool: Option<Ipv4Network>,
+    /// The host address presentations are published on.
+    pub publish_address: Ipv4Addr,
+    /// The accelerator VM endpoints use (`auto`, `kvm`, `tcg`).
+    pub accel: String,
+    /// The configurator image.
+    pub configurator: String,
+}
+
+/// Everything that can go wrong operating a lesson.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// The lesson is not valid (every problem listed).
+    #[error(transparent)]
+    Lesson(#[from] LessonError),
+    /// An image slug has no image.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The engine failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The state file.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The kernel refused a wiring step.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A stage configuration failed.
+    #[error(transparent)]
+    Configure(#[from] ConfigureError),
+    /// An image is not on the engine.
+    #[error("endpoint {endpoint}: image {reference} (slug {slug:?}) is not on this Docker engine: build it (cargo xtask image {slug}) or name another with --image {slug}=REPOSITORY:TAG")]
+    ImageMissing {
+        /// The endpoint.
+        endpoint: String,
+        /// Its slug.
+        slug: String,
+        /// The reference looked for.
+        reference: String,
+    },
+    /// The configurator image is not on the engine.
+    #[error("the configurator image {reference} is not on this Docker engine (endpoints {endpoints} have a configurationType): build it (cargo xtask image configurator) or name another with --configurator")]
+    ConfiguratorMissing {
+        /// The reference.
+        reference: String,
+        /// The endpoints that need it.
+        endpoints: String,
+    },
+    /// The lesson is up already.
+    #[error("lesson {lesson} is already up: run `vialctl down {lesson}` first")]
+    AlreadyUp {
+        /// The lesson.
+        lesson: String,
+    },
+    /// The pool has no free /24.
+    #[error("--mgmt-pool {pool}: every /24 in it is taken by another network; give a larger or another pool")]
+    PoolExhausted {
+        /// The pool.
+        pool: Ipv4Network,
+    },
+    /// The stage does not exist.
+    #[error("--stage {stage}: the lesson has stages 0..{}", stages.saturating_sub(1))]
+    NoStage {
+        /// The stage asked for.
+        stage: usize,
+        /// How many there are.
+        stages: usize,
+    },
+    /// No endpoint or link by that name.
+    #[error("{what}: the lesson has {known}")]
+    NotInLesson {
+        /// What was asked for (`endpoint r9`, `link r1:eth7`).
+        what: String,
+        /// What there is.
+        known: String,
+    },
+    /// `down`/`status` without a lesson while several are up.
+    #[error("several lessons are up ({lessons}): name one")]
+    WhichLesson {
+        /// The lessons.
+        lessons: String,
+    },
+    /// An endpoint failed.
+    #[error("endpoint {endpoint} failed while {phase}: {message}{}", if log.is_empty() { String::new() } else { format!("\n--- the last lines of its console and log ---\n{log}") })]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// Its phase then.
+        phase: &'static str,
+        /// What happened.
+        message: String,
+        /// Its last words.
+        log: String,
+    },
+    /// An endpoint was not usable in time.
+    #[error("endpoint {endpoint} was not usable within {timeout:?} (it was {phase}){}", if log.is_empty() { String::new() } else { format!("\n--- the last lines of its console and log ---\n{log}") })]
+    Timeout {
+        /// The endpoint.
+        endpoint: String,
+        /// Its phase then.
+        phase: &'static str,
+        /// The bound.
+        timeout: Duration,
+        /// Its last words.
+        log: String,
+    },
+}
+
+impl LabError {
+    /// The exit code of `vialctl` for this failure (sysexits.h).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LabError::Lesson(err) => err.exit() as u8,
+            LabError::Catalog(_) | LabError::NoStage { .. } | LabError::NotInLesson { .. } | LabError::WhichLesson { .. } => 64,
+            LabError::ImageMissing { .. } | LabError::ConfiguratorMissing { .. } | LabError::Runtime(_) => 69,
+            LabError::AlreadyUp { .. } | LabError::PoolExhausted { .. } => 75,
+            LabError::State(_) | LabError::Wire(_) => 71,
+            LabError::Configure(_) | LabError::Endpoint { .. } => 70,
+            LabError::Timeout { .. } => 75,
+        }
+    }
+}
+
+/// One presentation as `up` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    /// The endpoint.
+    pub endpoint: String,
+    /// The presentation (`cli`), or `port` for an additional port.
+    pub name: String,
+    /// `ssh`, `http`, `tcp`.
+    pub kind: String,
+    /// Where it is on the host.
+    pub address: SocketAddr,
+}
+
+/// What `up` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpSummary {
+    /// The lesson.
+    pub lesson: String,
+    /// The stage it is at.
+    pub stage: usize,
+    /// Every published port.
+    pub published: Vec<Published>,
+    /// How long it took.
+    pub seconds: f64,
+}
+
+/// One endpoint as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointStatus {
+    /// The endpoint.
+    pub endpoint: String,
+    /// Its image reference.
+    pub image: String,
+    /// `running`, `exited`, `missing`.
+    pub container: String,
+    /// vial's state for VM endpoints (`ready`, `booting`, ...); `running` for containers.
+    pub health: String,
+    /// Its management address.
+    pub address: Option<Ipv4Addr>,
+    /// Published ports (container → host).
+    pub ports: BTreeMap<u16, u16>,
+    /// Its links: interface, peer, `up`/`down`/`no-carrier`/`missing`.
+    pub links: Vec<LinkStatus>,
+}
+
+/// One link end as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    /// The interface (`eth1`).
+    pub iface: String,
+    /// The other end (`r2:eth1`).
+    pub peer: String,
+    /// `up`, `down` (pulled here), `no-carrier` (pulled at the other end), `missing`.
+    pub state: String,
+}
+
+/// Operates lessons on one runtime, keeping their state in one directory.
+pub struct Lab<R> {
+    runtime: R,
+    states: StateDir,
+}
+
+impl<R: Runtime> Lab<R> {
+    /// A lab on `runtime` with its state in `states`.
+    pub fn new(runtime: R, states: StateDir) -> Self {
+        Lab { runtime, states }
+    }
+
+    /// Brings the lesson in `options.lesson_dir` up: running, wired, ready, configured.
+    pub async fn up(&self, options: &UpOptions) -> Result<UpSummary, LabError> {
+        let started = Instant::now();
+        let lesson_dir = options.lesson_dir.canonicalize().map_err(|_| LessonError::MissingDir { dir: options.lesson_dir.clone() })?;
+        let lesson = lesson::load(&lesson_dir)?;
+        if options.stage >= lesson.stages.len() {
+            return Err(LabError::NoStage { stage: options.stage, stages: lesson.stages.len() });
+        }
+        let slug = lesson.slug.value.clone();
+        if self.states.file(&slug).exists() {
+            return Err(LabError::AlreadyUp { lesson: slug });
+        }
+        let catalog = Catalog::new(&options.images)?;
+        let mut images = BTreeMap::new();
+        for endpoint in &lesson.endpoints {
+            let slug = &endpoint.image.value;
+            if images.contains_key(slug) {
+                continue;
+            }
+            let reference = catalog.resolve(&endpoint.name, slug)?;
+            let info = self.runtime.image(&reference).await?.ok_or_else(|| LabError::ImageMissing {
+                endpoint: endpoint.name.value.clone(),
+                slug: slug.clone(),
+                reference: reference.clone(),
+            })?;
+            let kind = match info.labels.get(PROFILE_LABEL) {
+                Some(profile) => Kind::Vm { profile: profile.clone(), snapshot: info.labels.contains_key(plan::SNAPSHOT_LABEL) },
+                None => Kind::Container,
+            };
+            let credentials = info
+                .labels
+                .get(CREDENTIALS_LABEL)
+                .and_then(|c| c.split_once('/'))
+                .map(|(user, password)| (user.to_string(), password.to_string()));
+            images.insert(slug.clone(), ImageChoice { reference, kind, credentials });
+        }
+        let plan = plan::plan(&lesson, &images, options.mtu);
+        let configured: Vec<&str> =
+            plan.endpoints.iter().filter(|e| e.configuration.is_some()).map(|e| e.name.as_str()).collect();
+        if !configured.is_empty() && self.runtime.image(&options.configurator).await?.is_none() {
+            return Err(LabError::ConfiguratorMissing { reference: options.configurator.clone(), endpoints: configured.join(", ") });
+        }
+
+        let mut state = LessonState::new(&lesson_dir, plan);
+        state.publish_address = options.publish_address;
+        state.configurator = options.configurator.clone();
+        state.vm_env = vec![format!("VIAL_ACCEL={}", options.accel)];
+        state.vm_devices = vec!["/dev/net/tun".into()];
+        if options.accel != "tcg" && Path::new("/dev/kvm").exists() {
+            state.vm_devices.push("/dev/kvm".into());
+        }
+        if let Some(pool) = options.mgmt_pool {
+            state.subnet = Some(self.free_subnet(pool).await?.to_string());
+        }
+        // Written before anything is made, so that `down` (or this run's own clean-up) knows
+        // everything that may exist.
+        self.states.save(&state)?;
+        let deadline = tokio::time::Instant::now() + options.timeout;
+        let progress = Progress::new(&state.plan.endpoints.iter().map(|e| e.name.clone()).collect::<Vec<_>>());
+        let ticker = progress.is_terminal().then(|| {
+            let progress = progress.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    progress.draw();
+                }
+            })
+        });
+        let brought = self.bring_up(&mut state, options, deadline, lesson.ready_delay, &progress).await;
+        if let Some(ticker) = ticker {
+            ticker.abort();
+            progress.draw();
+        }
+        match brought {
+            Ok(published) => Ok(UpSummary { lesson: slug, stage: options.stage, published, seconds: started.elapsed().as_secs_f64() }),
+            Err(err) => {
+                if options.keep {
+                    tracing::warn!("--keep: leaving what was made; `vialctl down {slug}` removes it");
+                } else {
+                    self.remove(&state).await;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// The first /24 of `pool` that no network of the engine overlaps.
+    async fn free_subnet(&self, pool: Ipv4Network) -> Result<Ipv4Network, LabError> {
+        let taken = self.runtime.network_subnets().await?;
+        let start = u32::from(pool.network());
+        let count = if pool.prefix() > 24 { 0 } else { 1u32 << (24 - pool.prefix()) };
+        (0..count)
+            .filter_map(|n| Ipv4Network::new(Ipv4Addr::from(start + (n << 8)), 24).ok())
+            .find(|candidate| !taken.iter().any(|t| t.overlaps(*candidate)))
+            .ok_or(LabError::PoolExhausted { pool })
+    }
+
+    async fn bring_up(
+        &self,
+        state: &mut LessonState,
+        options: &UpOptions,
+        deadline: tokio::time::Instant,
+        ready_delay: Option<u32>,
+        progress: &Progress,
+    ) -> Result<Vec<Published>, LabError> {
+        let shared: &LessonState = state;
+        let plan = &shared.plan;
+        let subnet = shared.subnet.as_ref().and_then(|s| s.parse().ok());
+        self.runtime
+            .create_network(&NetworkSpec { name: plan.network.clone(), subnet, labels: plan.labels(&[]) })
+            .await?;
+        let host = wire::host_netlink()?;
+        let pairs = plan.links.iter().map(|link| wire::create_pair(&host, &plan.lesson, link));
+        futures::future::try_join_all(pairs).await?;
+        let specs: Vec<ContainerSpec> = plan.endpoints.iter().map(|e| self.container_spec(shared, e)).collect();
+        futures::future::try_join_all(specs.iter().map(|spec| self.runtime.create(spec))).await?;
+        for endpoint in &plan.endpoints {
+            progress.set(&endpoint.name, Phase::Created, "");
+        }
+        let booting = Arc::new(Semaphore::new(options.max_booting.max(1)));
+        let stage = Some(options.stage);
+        let tasks = plan.endpoints.iter().map(|endpoint| {
+            let booting = Arc::clone(&booting);
+            let host = &host;
+            async move { self.start_endpoint(shared, endpoint, host, booting, stage, deadline, options.timeout, progress).await }
+        });
+        let published: Vec<Vec<Published>> = futures::future::try_join_all(tasks).await?;
+        if let Some(delay) = ready_delay.filter(|d| *d > 0) {
+            // The lesson asks for this pause after configuration (antidote-core's readyDelay).
+            tracing::info!(seconds = delay, "readyDelay");
+            tokio::time::sleep(Duration::from_secs(delay.into())).await;
+        }
+        state.stage = Some(options.stage);
+        self.states.save(state)?;
+        Ok(published.into_iter().flatten().collect())
+    }
+
+    /// The container of `endpoint`, from the state alone (so `restart` makes the same one).
+    fn container_spec(&self, state: &LessonState, endpoint: &EndpointPlan) -> ContainerSpec {
+        let plan = &state.plan;
+        let mut spec = ContainerSpec {
+            name: endpoint.container.clone(),
+            hostname: endpoint.name.clone(),
+            image: endpoint.image.clone(),
+            labels: plan.labels(&[(ENDPOINT_LABEL, &endpoint.name)]),
+            network: plan.network.clone(),
+            publish: endpoint.ports.iter().map(|&port| Publish { container_port: port, host_address: state.publish_address }).collect(),
+            binds: vec![Bind { host: state.lesson_dir.clone(), container: "/antidote".into(), read_only: true }],
+            ..Default::default()
+        };
+        if let Kind::Vm { .. } = endpoint.kind {
+            spec.env = vec![format!("VIAL_NAME={}", endpoint.name), format!("VIAL_DATA_IFACES={}", endpoint.links.len())];
+            spec.env.extend(state.vm_env.iter().cloned());
+            spec.devices = state.vm_devices.clone();
+            spec.cap_add = vec!["NET_ADMIN".into()];
+            spec.binds.push(Bind {
+                host: self.states.run_dir(&plan.lesson, &endpoint.name),
+                container: "/run/vial".into(),
+                read_only: false,
+            });
+        }
+        spec
+    }
+
+    /// Starts `endpoint`'s container, takes its parked link ends in, and waits until it is
+    /// usable and configured for `stage`; returns its published ports.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_endpoint(
+        &self,
+        state: &LessonState,
+        endpoint: &EndpointPlan,
+        host: &rtnetlink::Handle,
+        booting: Arc<Semaphore>,
+        stage: Option<usize>,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+        progress: &Progress,
+    ) -> Result<Vec<Published>, LabError> {
+        let plan = &state.plan;
+        let name = endpoint.name.as_str();
+        let mut phase = Phase::Created;
+        let failed = |phase: Phase, message: String| async move {
+            progress.set(name, Phase::Failed, "");
+            LabError::Endpoint { endpoint: name.to_string(), phase: phase.as_str(), message, log: self.last_words(state, endpoint).await }
+        };
+        let cold = matches!(endpoint.kind, Kind::Vm { snapshot: false, .. });
+        let permit = if cold {
+            progress.set(name, Phase::Waiting, "for a cold-boot slot");
+            match tokio::time::timeout_at(deadline, booting.acquire_owned()).await {
+                Ok(permit) => permit.ok(),
+                Err(_) => return Err(self.timed_out(state, endpoint, Phase::Waiting, timeout, progress).await),
+            }
+        } else {
+            None
+        };
+        self.runtime.start(&endpoint.container).await?;
+        let info = self.runtime.inspect(&endpoint.container).await?.unwrap_or_default();
+        let Some(pid) = info.pid else {
+            return Err(failed(phase, "the container exited at once".into()).await);
+        };
+        for link in plan.links.iter().filter(|l| l.touches(name)) {
+            for side in Side::BOTH {
+                let end = match side {
+                    Side::A => &link.a,
+                    Side::B => &link.b,
+                };
+                if end.endpoint == name {
+                    wire::move_end(host, &plan.lesson, link, side, pid).await?;
+                }
+            }
+        }
+        phase = Phase::Wired;
+        progress.set(name, phase, format!("{} link(s)", endpoint.links.len()));
+
+        let exited = async {
+            let code = self.runtime.wait(&endpoint.container).await;
+            format!("the container exited ({})", code.map_or_else(|e| e.to_string(), |c| format!("code {c}")))
+        };
+        if let Kind::Vm { .. } = endpoint.kind {
+            let socket = self.states.run_dir(&plan.lesson, name).join(crate::rundir::HEALTH);
+            let watch = probe::vial_ready(&socket, |state| progress.set(name, Phase::Booting, state.to_string()));
+            let ready = tokio::select! {
+                ready = tokio::time::timeout_at(deadline, watch) => ready,
+                message = exited => return Err(failed(Phase::Booting, message).await),
+            };
+            match ready {
+                Ok(Ok(status)) => {
+                    let boot = status["boot"]["from"].as_str().unwrap_or("").to_string();
+                    progress.set(name, Phase::Ready, boot);
+                }
+                Ok(Err(err)) => return Err(failed(Phase::Booting, err.to_string()).await),
+                Err(_) => return Err(self.timed_out(state, endpoint, Phase::Booting, timeout, progress).await),
+            }
+        } else {
+            progress.set(name, Phase::Ready, "");
+        }
+        drop(permit);
+
+        phase = Phase::Probing;
+        let info = self.runtime.inspect(&endpoint.container).await?.unwrap_or_default();
+        let mut published = Vec::new();
+        for port in &endpoint.ports {
+            let Some(host_port) = info.ports.get(port) else {
+                return Err(failed(phase, format!("port {port} was not published")).await);
+            };
+            let address = SocketAddr::from((state.publish_address, *host_port));
+            let presentation = endpoint.presentations.iter().find(|p| p.port == *port);
+            let (label, kind) = presentation.map_or(("port".to_string(), "tcp".to_string()), |p| (p.name.clone(), p.kind.clone()));
+            published.push(Published { endpoint: name.to_string(), name: label, kind, address });
+        }
+        for presentation in published.iter().filter(|p| p.name != "port") {
+            progress.set(name, phase, format!("{} {} on {}", presentation.name, presentation.kind, presentation.address));
+            let exited = async {
+                let code = self.runtime.wait(&endpoint.container).await;
+                format!("the container exited ({})", code.map_or_else(|e| e.to_string(), |c| format!("code {c}")))
+            };
+            tokio::select! {
+                answered = tokio::time::timeout_at(deadline, probe::presentation(&presentation.kind, presentation.address)) => {
+                    if answered.is_err() {
+                        return Err(self.timed_out(state, endpoint, phase, timeout, progress).await);
+                    }
+                }
+                message = exited => return Err(failed(phase, message).await),
+            }
+        }
+        if let Some(stage) = stage.filter(|_| endpoint.configuration.is_some()) {
+            phase = Phase::Configuring;
+            progress.set(name, phase, format!("stage {stage}"));
+            let configured = configure::configure(&self.runtime, plan, &state.lesson_dir, &state.configurator, endpoint, stage);
+            match tokio::time::timeout_at(deadline, configured).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    progress.set(name, Phase::Failed, "");
+                    return Err(err.into());
+                }
+                Err(_) => return Err(self.timed_out(state, endpoint, phase, timeout, progress).await),
+            }
+        }
+        let shown: Vec<String> = published.iter().map(|p| format!("{} {}", p.name, p.address)).collect();
+        progress.set(name, Phase::Done, shown.join(", "));
+        Ok(published)
+    }
+
+    async fn timed_out(&self, state: &LessonState, endpoint: &EndpointPlan, phase: Phase, timeout: Duration, progress: &Progress) -> LabError {
+        progress.set(&endpoint.name, Phase::Failed, "timed out");
+        LabError::Timeout { endpoint: endpoint.name.clone(), phase: phase.as_str(), timeout, log: self.last_words(state, endpoint).await }
+    }
+
+    /// The last lines of an endpoint's serial console (VM) and of its container's log.
+    async fn last_words(&self, state: &LessonState, endpoint: &EndpointPlan) -> String {
+        let mut words = String::new();
+        if let Kind::Vm { .. } = endpoint.kind {
+            let console = self.states.run_dir(&state.plan.lesson, &endpoint.name).join(crate::rundir::CONSOLE_LOG);
+            let tail = crate::rundir::console_tail(&console, LOG_LINES);
+            if !tail.trim().is_empty() {
+                words.push_str(&format!("[console]\n{}\n", tail.trim_end()));
+            }
+        }
+        if let Ok(log) = self.runtime.logs(&endpoint.container, LOG_LINES).await {
+            if !log.trim().is_empty() {
+                words.push_str(&format!("[log]\n{}", log.trim_end()));
+            }
+        }
+        words
+    }
+
+    /// Removes everything of `state`'s lesson: containers (also strays that carry its label),
+    /// parked veths, the network, the state and run directories. Failures are logged and the
+    /// rest goes on; returns what could not be removed.
+    async fn remove(&self, state: &LessonState) -> Vec<String> {
+        let plan = &state.plan;
+        let mut left = Vec::new();
+        let mut containers: Vec<String> = plan.endpoints.iter().map(|e| e.container.clone()).collect();
+        if let Ok(labelled) = self.runtime.containers_labelled(LESSON_LABEL, &plan.lesson).await {
+            containers.extend(labelled.into_iter().filter(|c| !containers.contains(c)).collect::<Vec<_>>());
+        }
+        let removals = containers.iter().map(|c| self.runtime.remove(c));
+        for (container, removed) in containers.iter().zip(futures::future::join_all(removals).await) {
+            if let Err(err) = removed {
+                tracing::warn!(%err, "cannot remove a container");
+                left.push(format!("container {container}: {err}"));
+            }
+        }
+        if let Ok(host) = wire::host_netlink() {
+            wire::remove_parked(&host, &plan.lesson, plan.links.len()).await;
+        }
+        let mut networks = vec![plan.network.clone()];
+        if let Ok(labelled) = self.runtime.networks_labelled(LESSON_LABEL, &plan.lesson).await {
+            networks.extend(labelled.into_iter().filter(|n| *n != plan.network));
+        }
+        for network in networks {
+            if let Err(err) = self.runtime.remove_network(&network).await {
+                left.push(format!("network {network}: {err}"));
+            }
+        }
+        if left.is_empty() {
+            if let Err(err) = self.states.remove(&plan.lesson) {
+                left.push(err.to_string());
+            }
+        }
+        left
+    }
+
+    /// The lesson `lesson` names, or the only one that is up.
+    fn which(&self, lesson: Option<&str>) -> Result<Option<String>, LabError> {
+        if let Some(lesson) = lesson {
+            return Ok(Some(lesson.to_string()));
+        }
+        let up = self.states.lessons();
+        match up.len() {
+            0 => Ok(None),
+            1 => Ok(up.into_iter().next()),
+            _ => Err(LabError::WhichLesson { lessons: up.join(", ") }),
+        }
+    }
+
+    /// Removes a lesson's containers, veths, network and state. A lesson that is not up (or
+    /// no lesson at all) is nothing to do: `down` twice succeeds. Returns the lesson removed.
+    pub async fn down(&self, lesson: Option<&str>) -> Result<Option<String>, LabError> {
+        let Some(lesson) = self.which(lesson)? else { return Ok(None) };
+        let state = match self.states.load(&lesson) {
+            Ok(state) => state,
+            Err(StateError::NotUp { .. }) => {
+                // No state: still remove whatever carries the lesson's label.
+                for container in self.runtime.containers_labelled(LESSON_LABEL, &lesson).await? {
+                    self.runtime.remove(&container).await?;
+                }
+                for network in self.runtime.networks_labelled(LESSON_LABEL, &lesson).await? {
+                    self.runtime.remove_network(&network).await?;
+                }
+                return Ok(None);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let left = self.remove(&state).await;
+        if !left.is_empty() {
+            return Err(LabError::Runtime(RuntimeError {
+                what: format!("remove lesson {lesson}"),
+                message: left.join("; "),
+                not_found: false,
+            }));
+        }
+        Ok(Some(lesson))
+    }
+
+    /// Every endpoint of a running lesson, as the engine, vial and the kernel see it now.
+    pub async fn status(&self, lesson: &str) -> Result<Vec<EndpointStatus>, LabError> {
+        let state = self.states.load(lesson)?;
+        let plan = &state.plan;
+        let mut statuses = Vec::new();
+        for endpoint in &plan.endpoints {
+            let info = self.runtime.inspect(&endpoint.container).await?;
+            let container = match &info {
+                Some(info) if info.running => "running",
+                Some(_) => "exited",
+                None => "missing",
+            };
+            let health = match (&endpoint.kind, &info) {
+                (Kind::Vm { .. }, Some(info)) if info.running => {
+                    let socket = self.states.run_dir(&plan.lesson, &endpoint.name).join(crate::rundir::HEALTH);
+                    let answer =
+                        tokio::task::spawn_blocking(move || crate::health::query(&socket, "/status", Duration::from_secs(3))).await;
+                    match answer {
+                        Ok(Ok((_, body))) => serde_json::from_str::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|s| s["state"].as_str().map(String::from))
+                            .unwrap_or_else(|| "unknown".into()),
+                        _ => "no answer".into(),
+                    }
+                }
+                (_, Some(info)) if info.running => "running".into(),
+                _ => container.to_string(),
+            };
+            let mut links = Vec::new();
+            for link in plan.links.iter().filter(|l| l.touches(&endpoint.name)) {
+                for (end, other) in [(&link.a, &link.b), (&link.b, &link.a)] {
+                    if end.endpoint != endpoint.name {
+                        continue;
+                    }
+                    let state = match info.as_ref().and_then(|i| i.pid) {
+                        Some(pid) => match wire::link_state(pid, &end.iface).await {
+                            Ok((false, _)) => "down",
+                            Ok((true, false)) => "no-carrier",
+                            Ok((true, true)) => "up",
+                            Err(_) => "missing",
+                        },
+                        None => "missing",
+                    };
+                    links.push(LinkStatus { iface: end.iface.clone(), peer: format!("{}:{}", other.endpoint, other.iface), state: state.into() });
+                }
+            }
+            statuses.push(EndpointStatus {
+                endpoint: endpoint.name.clone(),
+                image: endpoint.image.clone(),
+                container: container.into(),
+                health,
+                address: info.as_ref().and_then(|i| i.address),
+                ports: info.map(|i| i.ports).unwrap_or_default(),
+                links,
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// The state of a running lesson (for `graph`, `status`).
+    pub fn state(&self, lesson: Option<&str>) -> Result<LessonState, LabError> {
+        let lesson = self.which(lesson)?.ok_or_else(|| StateError::NotUp { lesson: "(any)".into(), path: self.states.0.join("lessons") })?;
+        Ok(self.states.load(&lesson)?)
+    }
+
+    /// The lessons that are up.
+    pub fn lessons(&self) -> Vec<String> {
+        self.states.lessons()
+    }
+
+    /// Pulls (`up = false`) or restores one link of `endpoint`: its interface goes down or up,
+    /// so its peer loses or regains carrier too, and a VM endpoint's vial passes that on to
+    /// its guest.
+    pub async fn link_set(&self, lesson: Option<&str>, endpoint: &str, iface: &str, up: bool) -> Result<(), LabError> {
+        let state = self.state(lesson)?;
+        let plan = &state.plan;
+        let found = self.find_endpoint(plan, endpoint)?;
+        if !found.links.iter().any(|l| l == iface) {
+            return Err(LabError::NotInLesson { what: format!("link {endpoint}:{iface}"), known: found.links.join(", ") });
+        }
+        let info = self.runtime.inspect(&found.container).await?;
+        let Some(pid) = info.and_then(|i| i.pid) else {
+            return Err(LabError::Endpoint { endpoint: endpoint.into(), phase: "running", message: "its container is not running".into(), log: String::new() });
+        };
+        wire::set_admin_state(pid, endpoint, iface, up).await?;
+        Ok(())
+    }
+
+    fn find_endpoint<'a>(&self, plan: &'a Plan, endpoint: &str) -> Result<&'a EndpointPlan, LabError> {
+        plan.endpoint(endpoint).ok_or_else(|| LabError::NotInLesson {
+            what: format!("endpoint {endpoint}"),
+            known: plan.endpoints.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Recreates `endpoint`'s container and its links, and waits until it is usable and
+    /// configured for the lesson's stage. Its peers are not restarted: their ends of the new
+    /// veths go in under the names they had, and their vial plugs them back into the same
+    /// VM NIC slots.
+    pub async fn restart(&self, lesson: Option<&str>, endpoint: &str, timeout: Duration) -> Result<(), LabError> {
+        let state = self.state(lesson)?;
+        let plan = &state.plan;
+        let found = self.find_endpoint(plan, endpoint)?.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let progress = Progress::new(&[found.name.clone()]);
+        self.runtime.remove(&found.container).await?;
+        let host = wire::host_netlink()?;
+        for link in plan.links.iter().filter(|l| l.touches(endpoint)) {
+            wire::create_pair(&host, &plan.lesson, link).await?;
+            // The peer's end goes home at once; this endpoint's waits for its container.
+            for (side, end) in [(Side::A, &link.a), (Side::B, &link.b)] {
+                if end.endpoint == endpoint {
+                    continue;
+                }
+                let peer = self.find_endpoint(plan, &end.endpoint)?;
+                let pid = self.runtime.inspect(&peer.container).await?.and_then(|i| i.pid);
+                if let Some(pid) = pid {
+                    wire::move_end(&host, &plan.lesson, link, side, pid).await?;
+                }
+            }
+        }
+        self.runtime.create(&self.container_spec(&state, &found)).await?;
+        progress.set(endpoint, Phase::Created, "");
+        let booting = Arc::new(Semaphore::new(1));
+        self.start_endpoint(&state, &found, &host, booting, state.stage, deadline, timeout, &progress).await?;
+        Ok(())
+    }
+
+    /// Configures every endpoint of a running lesson for `stage`.
+    pub async fn stage(&self, lesson: Option<&str>, stage: usize, timeout: Duration) -> Result<(), LabError> {
+        let mut state = self.state(lesson)?;
+        let stages = lesson::load(&state.lesson_dir).map(|l| l.stages.len())?;
+        if stage >= stages {
+            return Err(LabError::NoStage { stage, stages });
+        }
+        let plan = state.plan.clone();
+        let progress = Progress::new(&plan.endpoints.iter().map(|e| e.name.clone()).collect::<Vec<_>>());
+        let runs = plan.endpoints.iter().map(|endpoint| {
+            let state = &state;
+            let progress = &progress;
+            async move {
+                progress.set(&endpoint.name, Phase::Configuring, format!("stage {stage}"));
+                let run = configure::configure(&self.runtime, &state.plan, &state.lesson_dir, &state.configurator, endpoint, stage);
+                match tokio::time::timeout(timeout, run).await {
+                    Ok(Ok(_)) => {
+                        progress.set(&endpoint.name, Phase::Done, format!("stage {stage}"));
+                        Ok(())
+                    }
+                    Ok(Err(err)) => {
+                        progress.set(&endpoint.name, Phase::Failed, "");
+                        Err(LabError::from(err))
+                    }
+                    Err(_) => Err(LabError::Timeout { endpoint: endpoint.name.clone(), phase: "configuring", timeout, log: String::new() }),
+                }
+            }
+        });
+        futures::future::try_join_all(runs).await?;
+        state.stage = Some(stage);
+        self.states.save(&state)?;
+        Ok(())
+    }
+}

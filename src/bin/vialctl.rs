@@ -17,7 +17,7 @@ use vial::lesson::{self, Exit, LessonError, ValidateOptions, LESSON_FILE};
 #[derive(Parser)]
 #[command(name = "vialctl", version)]
 struct Cli {
-    /// Where running lessons are recorded [env: VIALCTL_STATE_DIR].
+    /// Where running lessons are recorded.
     #[arg(long, global = true, env = "VIALCTL_STATE_DIR", default_value = vial::lab::state::DEFAULT_DIR)]
     state_dir: PathBuf,
     #[command(subcommand)]
@@ -75,7 +75,7 @@ struct UpArgs {
     /// The host address presentations are published on.
     #[arg(long, default_value = "127.0.0.1")]
     publish_address: Ipv4Addr,
-    /// The accelerator of VM endpoints [env: VIALCTL_ACCEL].
+    /// The accelerator of VM endpoints.
     #[arg(long, env = "VIALCTL_ACCEL", default_value = "auto")]
     accel: Accel,
     /// The image stage configurations run in.

@@ -49,10 +49,18 @@ pub async fn vial_ready(socket: &Path, mut phase: impl FnMut(&str)) -> Result<se
     }
     let mut lines = BufReader::new(stream).lines();
     // The head, up to the blank line.
+    let mut code = None;
     while let Ok(Some(line)) = lines.next_line().await {
+        if code.is_none() {
+            code = line.split_whitespace().nth(1).map(String::from);
+        }
         if line.trim().is_empty() {
             break;
         }
+    }
+    if code.as_deref() != Some("200") {
+        // A vial older than `/watch`: ask for the status until it settles.
+        return poll_status(socket, phase).await;
     }
     let mut last = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -72,6 +80,30 @@ pub async fn vial_ready(socket: &Path, mut phase: impl FnMut(&str)) -> Result<se
         }
     }
     Err(VialError::Gone)
+}
+
+/// [`vial_ready`] for a vial without `/watch`: `/status` every 100 ms.
+async fn poll_status(socket: &Path, mut phase: impl FnMut(&str)) -> Result<serde_json::Value, VialError> {
+    let mut last = String::new();
+    loop {
+        let path = socket.to_path_buf();
+        let answer = tokio::task::spawn_blocking(move || crate::health::query(&path, "/status", ATTEMPT)).await;
+        let Ok(Ok((_, body))) = answer else { return Err(VialError::Gone) };
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let state = status["state"].as_str().unwrap_or("").to_string();
+        if state != last {
+            phase(&state);
+            last.clone_from(&state);
+        }
+        match state.as_str() {
+            "ready" => return Ok(status),
+            "failed" | "stopped" => {
+                let reason = status["reason"].as_str().unwrap_or("no reason given").to_string();
+                return Err(VialError::Ended { state, reason });
+            }
+            _ => tokio::time::sleep(RETRY).await,
+        }
+    }
 }
 
 /// Whether an SSH server answers at `address` up to its key exchange offer: it sends its

@@ -288,6 +288,7 @@ mod tests {
             "EXPOSE 22/tcp",
             "HEALTHCHECK --interval=1s --timeout=3s --start-period=300s --retries=3 CMD [\"/vial\", \"health\"]",
             "vial.credentials=\"antidote/antidotepassword\" \\",
+            "vial.snapshot=\"ram\" \\",
         ] {
             assert!(has_line(&frr, line), "frr: no `{line}` in\n{frr}");
         }
@@ -306,7 +307,7 @@ mod tests {
                 assert!(has_line(&text, line), "{name}: no `{line}` in\n{text}");
             }
             // No [snapshot]: nothing runs at build time; a 30 s stop needs more than 10 s.
-            assert!(!text.contains("RUN "), "{name}:\n{text}");
+            assert!(!text.contains("RUN ") && !text.contains("vial.snapshot"), "{name}:\n{text}");
             assert!(text.contains("`docker stop -t 40`") && text.contains("--stop-timeout 40"), "{name}:\n{text}");
         }
         assert!(!linux.contains("docker stop -t"), "{linux}");

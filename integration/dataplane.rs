@@ -137,19 +137,26 @@ fn a_link_whose_peer_comes_up_later_goes_from_no_carrier_to_up_and_the_guest_see
     let link_state = |sandbox: &Sandbox| sandbox.status().map(|s| s["links"][0]["state"].clone());
     assert_eq!(link_state(&sandbox).unwrap(), "no-carrier");
     // The guest's own NIC has no carrier either (vial set its link down over QMP).
-    let guest_saw = |sandbox: &Sandbox, carrier: &str| sandbox.console().matches(&format!("eth1 carrier {carrier}")).count();
-    wait_until(Duration::from_secs(30), "the guest to see eth1 without carrier", || (guest_saw(&sandbox, "0") >= 1).then_some(()));
+    let guest_saw =
+        |sandbox: &Sandbox, carrier: &str| sandbox.console().matches(&format!("eth1 carrier {carrier}")).count();
+    wait_until(Duration::from_secs(30), "the guest to see eth1 without carrier", || {
+        (guest_saw(&sandbox, "0") >= 1).then_some(())
+    });
 
     ip(&["-n", &peer.0, "link", "set", "p1", "up"]);
     wait_until(Duration::from_secs(30), "the link reported up", || {
         link_state(&sandbox).filter(|state| state == "up").map(|_| ())
     });
-    wait_until(Duration::from_secs(30), "the guest to see eth1's carrier", || (guest_saw(&sandbox, "1") >= 1).then_some(()));
+    wait_until(Duration::from_secs(30), "the guest to see eth1's carrier", || {
+        (guest_saw(&sandbox, "1") >= 1).then_some(())
+    });
     ip(&["-n", &peer.0, "link", "set", "p1", "down"]);
     wait_until(Duration::from_secs(30), "the link reported without carrier", || {
         link_state(&sandbox).filter(|state| state == "no-carrier").map(|_| ())
     });
-    wait_until(Duration::from_secs(30), "the guest to see eth1 lose its carrier", || (guest_saw(&sandbox, "0") >= 2).then_some(()));
+    wait_until(Duration::from_secs(30), "the guest to see eth1 lose its carrier", || {
+        (guest_saw(&sandbox, "0") >= 2).then_some(())
+    });
     signal(vial, Signal::SIGTERM);
     assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
 }

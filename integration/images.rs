@@ -32,7 +32,7 @@ fn xtask_image(args: &[&str], env_remove: &[&str]) -> Output {
 }
 
 /// Builds (or finds up to date) the image of `profile`; panics with the build's output.
-fn build_image(profile: &str) -> String {
+pub(crate) fn build_image(profile: &str) -> String {
     let output = xtask_image(&[profile], &[]);
     assert!(
         output.status.success(),
@@ -120,12 +120,19 @@ impl Endpoint for Container {
 /// failure of ssh itself (exit 255: no banner in time on a loaded TCG guest, say) is retried
 /// for up to a minute; the command's own failure is returned.
 fn ssh(addr: std::net::Ipv4Addr, command: &str) -> (bool, String) {
+    ssh_at(&addr.to_string(), 22, command)
+}
+
+/// [`ssh`] to `host` on `port`.
+pub(crate) fn ssh_at(host: &str, port: u16, command: &str) -> (bool, String) {
+    let addr = host;
     let started = Instant::now();
     loop {
         let output = Command::new("sshpass")
             .args(["-p", "antidotepassword", "ssh"])
             .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
             .args(["-o", "ConnectTimeout=20", "-o", "PreferredAuthentications=password,keyboard-interactive"])
+            .args(["-p", &port.to_string()])
             .arg(format!("antidote@{addr}"))
             .arg(command)
             .stdin(Stdio::null())
@@ -142,7 +149,7 @@ fn ssh(addr: std::net::Ipv4Addr, command: &str) -> (bool, String) {
 
 /// Tests that boot `frr` guests take turns: each guest wants two TCG vCPUs, and three at
 /// once on a small machine make everything crawl.
-fn frr_turn() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn frr_turn() -> std::sync::MutexGuard<'static, ()> {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -11,3 +11,4 @@ mod images;
 mod lesson;
 mod pid1;
 mod snapshot;
+mod vialctl;

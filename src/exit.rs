@@ -75,7 +75,9 @@ impl SetupError {
             | SetupError::Overlay(OverlayError::QemuImgMissing)
             | SetupError::Save(SaveError::Launch(LaunchError::QemuMissing { .. }))
             | SetupError::Save(SaveError::Overlay(OverlayError::QemuImgMissing)) => Outcome::QemuMissing,
-            SetupError::Accel(_) | SetupError::Save(SaveError::NoTarget { .. } | SaveError::Accel(_)) => Outcome::Config,
+            SetupError::Accel(_) | SetupError::Save(SaveError::NoTarget { .. } | SaveError::Accel(_)) => {
+                Outcome::Config
+            }
             SetupError::DataPlane(DataPlaneError::Wait(WaitError::Timeout { .. })) => Outcome::InterfacesTimeout,
             SetupError::Signals(_)
             | SetupError::Create { .. }

@@ -285,7 +285,12 @@ pub fn respond(request: &Request, status: &Status, now: Instant) -> Response {
             }
             Err(error) => Response::text(500, format!("cannot encode the status: {error}\n")),
         },
-        Route::Watch => Response { content_type: NDJSON, body: status_line(status, now), stream: !head_only, ..Response::text(200, "") },
+        Route::Watch => Response {
+            content_type: NDJSON,
+            body: status_line(status, now),
+            stream: !head_only,
+            ..Response::text(200, "")
+        },
     };
     response.head_only = head_only;
     response
@@ -1163,7 +1168,12 @@ mod tests {
     async fn clients_that_leave_early_do_not_hurt_the_server() {
         let mut large = status(Phase::Ready, None);
         large.links = (0..20_000)
-            .map(|nic| LinkStatus { interface: format!("eth{nic}"), nic, mode: "tc".into(), state: crate::status::LinkState::Up })
+            .map(|nic| LinkStatus {
+                interface: format!("eth{nic}"),
+                nic,
+                mode: "tc".into(),
+                state: crate::status::LinkState::Up,
+            })
             .collect();
         // Far more than a socket buffer, so the server is mid-write when the client leaves.
         let size = respond(&Request::new("GET", "/status"), &large, large.started).body.len();

@@ -73,8 +73,11 @@ fn main() {
             } else {
                 Check::Ready
             };
-            let (code, text) =
-                health::run_check(&args.run_dir.join(vial::rundir::HEALTH), check, Duration::from_secs(args.timeout_secs));
+            let (code, text) = health::run_check(
+                &args.run_dir.join(vial::rundir::HEALTH),
+                check,
+                Duration::from_secs(args.timeout_secs),
+            );
             println!("{}", text.trim_end());
             std::process::exit(code);
         }

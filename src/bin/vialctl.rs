@@ -75,6 +75,9 @@ struct UpArgs {
     /// The host address presentations are published on.
     #[arg(long, default_value = "127.0.0.1")]
     publish_address: Ipv4Addr,
+    /// Publish on consecutive host ports from PORT, in lesson order [default: free ports].
+    #[arg(long, value_name = "PORT")]
+    port_base: Option<u16>,
     /// The accelerator of VM endpoints.
     #[arg(long, env = "VIALCTL_ACCEL", default_value = "auto")]
     accel: Accel,
@@ -255,19 +258,25 @@ async fn run(lab: &Lab<DockerRuntime>, command: Command) -> Result<(), LabError>
                 lesson_dir: args.lesson_dir,
                 stage: args.stage,
                 images: args.images,
-                max_booting: args.max_booting.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                max_booting: args
+                    .max_booting
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
                 timeout: args.timeout,
                 keep: args.keep,
                 mtu: args.mtu,
                 mgmt_pool: args.mgmt_pool,
                 publish_address: args.publish_address,
+                port_base: args.port_base,
                 accel: args.accel.to_possible_value().expect("no skipped values").get_name().to_string(),
                 configurator: args.configurator,
             };
             let summary = lab.up(&options).await?;
             println!("lesson {} is up at stage {} ({:.1} s)", summary.lesson, summary.stage, summary.seconds);
             for published in &summary.published {
-                println!("  {:<14} {:<10} {:<5} {}", published.endpoint, published.name, published.kind, published.address);
+                println!(
+                    "  {:<14} {:<10} {:<5} {}",
+                    published.endpoint, published.name, published.kind, published.address
+                );
             }
         }
         Command::Down(args) => match lab.down(args.lesson.as_deref()).await? {
@@ -301,7 +310,10 @@ async fn run(lab: &Lab<DockerRuntime>, command: Command) -> Result<(), LabError>
         }
         Command::Link(LinkCommand::Set(args)) => {
             let Some((endpoint, iface)) = args.link.split_once(':') else {
-                return Err(LabError::NotInLesson { what: format!("link {:?}", args.link), known: "links named ENDPOINT:IFACE, e.g. r1:eth1".into() });
+                return Err(LabError::NotInLesson {
+                    what: format!("link {:?}", args.link),
+                    known: "links named ENDPOINT:IFACE, e.g. r1:eth1".into(),
+                });
             };
             let up = matches!(args.state, LinkState::Up);
             lab.link_set(args.lesson.as_deref(), endpoint, iface, up).await?;

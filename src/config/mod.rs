@@ -13,9 +13,9 @@ mod validate;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use settings::{Flags, Key, SETTINGS};
-use settings::OTHER_VARS;
 pub use profile::{AccelChoice, Forward, Plumbing, Probe, Profile, ProfileFile, Protocol, Snapshot};
+use settings::OTHER_VARS;
+pub use settings::{Flags, Key, SETTINGS};
 
 /// One thing wrong with the configuration: where, what, and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]

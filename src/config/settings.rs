@@ -85,7 +85,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "accel",
         value_name: "auto|kvm|tcg",
         help: "accelerator: auto (KVM when usable, else TCG), kvm or tcg",
-        profile: Some(("machine.accel", |file, value| Ok(file.machine.accel = value))),
+        profile: Some(("machine.accel", |file, value| {
+            file.machine.accel = value;
+            Ok(())
+        })),
     },
     Setting {
         key: Key::Memory,
@@ -93,7 +96,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "memory",
         value_name: "SIZE",
         help: "guest memory, e.g. 2G",
-        profile: Some(("machine.memory", |file, value| Ok(file.machine.memory = value))),
+        profile: Some(("machine.memory", |file, value| {
+            file.machine.memory = value;
+            Ok(())
+        })),
     },
     Setting {
         key: Key::Vcpus,
@@ -112,7 +118,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "stop-timeout",
         value_name: "DURATION",
         help: "time the guest gets to power off, e.g. 8s",
-        profile: Some(("stop.timeout", |file, value| Ok(file.stop.timeout = value))),
+        profile: Some(("stop.timeout", |file, value| {
+            file.stop.timeout = value;
+            Ok(())
+        })),
     },
     Setting {
         key: Key::Egress,
@@ -131,7 +140,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "lesson-dir",
         value_name: "DIR",
         help: "the lesson directory exported over 9p (/antidote)",
-        profile: Some(("share.path", |file, value| Ok(file.share.path = PathBuf::from(value)))),
+        profile: Some(("share.path", |file, value| {
+            file.share.path = PathBuf::from(value);
+            Ok(())
+        })),
     },
     Setting {
         key: Key::RunDir,
@@ -174,7 +186,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "plumbing",
         value_name: "tc|bridge|macvtap",
         help: "data plane mode",
-        profile: Some(("network.plumbing", |file, value| Ok(file.network.plumbing = value))),
+        profile: Some(("network.plumbing", |file, value| {
+            file.network.plumbing = value;
+            Ok(())
+        })),
     },
     Setting {
         key: Key::LinkTimeout,
@@ -182,7 +197,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "link-timeout",
         value_name: "DURATION",
         help: "how long to wait for the data links, e.g. 120s",
-        profile: Some(("network.link_timeout", |file, value| Ok(file.network.link_timeout = value))),
+        profile: Some(("network.link_timeout", |file, value| {
+            file.network.link_timeout = value;
+            Ok(())
+        })),
     },
     Setting {
         key: Key::Qemu,
@@ -190,7 +208,10 @@ pub const SETTINGS: &[Setting] = &[
         flag: "qemu",
         value_name: "BINARY",
         help: "the QEMU binary",
-        profile: Some(("machine.qemu", |file, value| Ok(file.machine.qemu = value))),
+        profile: Some(("machine.qemu", |file, value| {
+            file.machine.qemu = value;
+            Ok(())
+        })),
     },
     Setting {
         key: Key::QemuArgs,
@@ -244,7 +265,11 @@ pub fn setting(key: Key) -> &'static Setting {
 /// Writes every override that has a profile field into `file`; a value that does not parse
 /// is a problem named by where it came from. Returns which profile field each override
 /// replaced, so that problems validation finds later are named by the override too.
-pub fn apply(file: &mut ProfileFile, overrides: &super::Overrides, problems: &mut Vec<Problem>) -> Vec<(&'static str, String)> {
+pub fn apply(
+    file: &mut ProfileFile,
+    overrides: &super::Overrides,
+    problems: &mut Vec<Problem>,
+) -> Vec<(&'static str, String)> {
     let mut renamed = Vec::new();
     for setting in SETTINGS {
         let (Some((field, apply)), Some((value, source))) = (setting.profile, overrides.get(setting.key)) else {

@@ -47,7 +47,11 @@ pub enum ConfigureError {
 
 /// The file (relative to the lesson) and the command that configure `endpoint` for `stage`,
 /// or `None` when it has no configuration type.
-pub fn command(lesson_dir: &Path, endpoint: &EndpointPlan, stage: usize) -> Result<Option<(String, Vec<String>)>, ConfigureError> {
+pub fn command(
+    lesson_dir: &Path,
+    endpoint: &EndpointPlan,
+    stage: usize,
+) -> Result<Option<(String, Vec<String>)>, ConfigureError> {
     let Some(kind) = endpoint.configuration.as_deref() else { return Ok(None) };
     let name = &endpoint.name;
     let configs = format!("stage{stage}/configs");
@@ -64,7 +68,10 @@ pub fn command(lesson_dir: &Path, endpoint: &EndpointPlan, stage: usize) -> Resu
         }
         "ansible" => {
             let file = format!("{configs}/{name}.yml");
-            (file.clone(), vec!["ansible-playbook".into(), "-i".into(), format!("{name},"), format!("/antidote/{file}")])
+            (
+                file.clone(),
+                vec!["ansible-playbook".into(), "-i".into(), format!("{name},"), format!("/antidote/{file}")],
+            )
         }
         _ => {
             let driver = crate::lesson::napalm_driver(&lesson_dir.join(&configs), name).ok_or_else(missing)?;
@@ -97,7 +104,8 @@ pub async fn configure<R: Runtime>(
     stage: usize,
 ) -> Result<Option<String>, ConfigureError> {
     let Some((file, argv)) = command(lesson_dir, endpoint, stage)? else { return Ok(None) };
-    let (user, password) = endpoint.credentials.clone().unwrap_or_else(|| ("antidote".into(), "antidotepassword".into()));
+    let (user, password) =
+        endpoint.credentials.clone().unwrap_or_else(|| ("antidote".into(), "antidotepassword".into()));
     let name = format!("{}-config{stage}", endpoint.container);
     let spec = ContainerSpec {
         name: name.clone(),

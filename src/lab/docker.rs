@@ -113,7 +113,8 @@ impl Runtime for DockerRuntime {
             .publish
             .iter()
             .map(|p| {
-                let binding = PortBinding { host_ip: Some(p.host_address.to_string()), host_port: Some(String::new()) };
+                let host_port = p.host_port.map(|port| port.to_string()).unwrap_or_default();
+                let binding = PortBinding { host_ip: Some(p.host_address.to_string()), host_port: Some(host_port) };
                 (format!("{}/tcp", p.container_port), Some(vec![binding]))
             })
             .collect();
@@ -175,7 +176,8 @@ impl Runtime for DockerRuntime {
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
-        let container = match self.docker.inspect_container(name, None).await.map_err(error(format!("inspect {name}"))) {
+        let container = match self.docker.inspect_container(name, None).await.map_err(error(format!("inspect {name}")))
+        {
             Ok(container) => container,
             Err(err) if err.not_found => return Ok(None),
             Err(err) => return Err(err),
@@ -238,7 +240,9 @@ impl Runtime for DockerRuntime {
             // bollard reports a non-zero exit as an error carrying the code.
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
             Some(Err(err)) => Err(error(format!("wait for {name}"))(err)),
-            None => Err(RuntimeError { what: format!("wait for {name}"), message: "no answer".into(), not_found: false }),
+            None => {
+                Err(RuntimeError { what: format!("wait for {name}"), message: "no answer".into(), not_found: false })
+            }
         }
     }
 }

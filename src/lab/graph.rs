@@ -11,7 +11,10 @@ pub fn dot(plan: &Plan) -> String {
             Kind::Vm { .. } => "box3d",
             Kind::Container => "box",
         };
-        out.push_str(&format!("  \"{}\" [shape={shape}, label=\"{}\\n{}\"];\n", endpoint.name, endpoint.name, endpoint.slug));
+        out.push_str(&format!(
+            "  \"{}\" [shape={shape}, label=\"{}\\n{}\"];\n",
+            endpoint.name, endpoint.name, endpoint.slug
+        ));
     }
     for link in &plan.links {
         let subnet = link.subnet.map(|s| format!("\\n{s}")).unwrap_or_default();
@@ -70,8 +73,17 @@ mod tests {
         Plan {
             lesson: "l".into(),
             network: "vial-l".into(),
-            endpoints: vec![endpoint("r1", Kind::Vm { profile: "frr".into(), snapshot: true }), endpoint("c-1", Kind::Container)],
-            links: vec![LinkPlan { index: 0, a: end("r1"), b: end("c-1"), subnet: Some("198.18.1.0/24".parse().unwrap()), mtu: 9000 }],
+            endpoints: vec![
+                endpoint("r1", Kind::Vm { profile: "frr".into(), snapshot: true }),
+                endpoint("c-1", Kind::Container),
+            ],
+            links: vec![LinkPlan {
+                index: 0,
+                a: end("r1"),
+                b: end("c-1"),
+                subnet: Some("198.18.1.0/24".parse().unwrap()),
+                mtu: 9000,
+            }],
         }
     }
 
@@ -80,7 +92,10 @@ mod tests {
         let dot = dot(&plan());
         assert!(dot.starts_with("graph \"l\" {"), "{dot}");
         assert!(dot.contains("\"r1\" [shape=box3d"), "{dot}");
-        assert!(dot.contains("\"r1\" -- \"c-1\" [taillabel=\"eth1\", headlabel=\"eth1\", label=\"\\n198.18.1.0/24\"]"), "{dot}");
+        assert!(
+            dot.contains("\"r1\" -- \"c-1\" [taillabel=\"eth1\", headlabel=\"eth1\", label=\"\\n198.18.1.0/24\"]"),
+            "{dot}"
+        );
         let mermaid = mermaid(&plan());
         assert!(mermaid.contains("r1[[\"r1<br/>frr\"]]"), "{mermaid}");
         assert!(mermaid.contains("r1 ---|\"eth1 - eth1 198.18.1.0/24\"| c_1"), "{mermaid}");

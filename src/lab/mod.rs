@@ -67,6 +67,9 @@ pub struct UpOptions {
     pub mgmt_pool: Option<Ipv4Network>,
     /// The host address presentations are published on.
     pub publish_address: Ipv4Addr,
+    /// Publish on consecutive host ports from this one (endpoints in lesson order, each
+    /// endpoint's ports in order), so addresses are known beforehand; free ports otherwise.
+    pub port_base: Option<u16>,
     /// The accelerator VM endpoints use (`auto`, `kvm`, `tcg`).
     pub accel: String,
     /// The configurator image.
@@ -147,7 +150,7 @@ pub enum LabError {
         lessons: String,
     },
     /// An endpoint failed.
-    #[error("endpoint {endpoint} failed while {phase}: {message}{}", if log.is_empty() { String::new() } else { format!("\n--- the last lines of its console and log ---\n{log}") })]
+    #[error("endpoint {endpoint} failed in phase {phase}: {message}{}", if log.is_empty() { String::new() } else { format!("\n--- the last lines of its console and log ---\n{log}") })]
     Endpoint {
         /// The endpoint.
         endpoint: String,
@@ -177,7 +180,10 @@ impl LabError {
     pub fn exit_code(&self) -> u8 {
         match self {
             LabError::Lesson(err) => err.exit() as u8,
-            LabError::Catalog(_) | LabError::NoStage { .. } | LabError::NotInLesson { .. } | LabError::WhichLesson { .. } => 64,
+            LabError::Catalog(_)
+            | LabError::NoStage { .. }
+            | LabError::NotInLesson { .. }
+            | LabError::WhichLesson { .. } => 64,
             LabError::ImageMissing { .. } | LabError::ConfiguratorMissing { .. } | LabError::Runtime(_) => 69,
             LabError::AlreadyUp { .. } | LabError::PoolExhausted { .. } => 75,
             LabError::State(_) | LabError::Wire(_) => 71,
@@ -258,7 +264,10 @@ impl<R: Runtime> Lab<R> {
     /// Brings the lesson in `options.lesson_dir` up: running, wired, ready, configured.
     pub async fn up(&self, options: &UpOptions) -> Result<UpSummary, LabError> {
         let started = Instant::now();
-        let lesson_dir = options.lesson_dir.canonicalize().map_err(|_| LessonError::MissingDir { dir: options.lesson_dir.clone() })?;
+        let lesson_dir = options
+            .lesson_dir
+            .canonicalize()
+            .map_err(|_| LessonError::MissingDir { dir: options.lesson_dir.clone() })?;
         let lesson = lesson::load(&lesson_dir)?;
         if options.stage >= lesson.stages.len() {
             return Err(LabError::NoStage { stage: options.stage, stages: lesson.stages.len() });
@@ -281,7 +290,9 @@ impl<R: Runtime> Lab<R> {
                 reference: reference.clone(),
             })?;
             let kind = match info.labels.get(PROFILE_LABEL) {
-                Some(profile) => Kind::Vm { profile: profile.clone(), snapshot: info.labels.contains_key(plan::SNAPSHOT_LABEL) },
+                Some(profile) => {
+                    Kind::Vm { profile: profile.clone(), snapshot: info.labels.contains_key(plan::SNAPSHOT_LABEL) }
+                }
                 None => Kind::Container,
             };
             let credentials = info
@@ -295,11 +306,15 @@ impl<R: Runtime> Lab<R> {
         let configured: Vec<&str> =
             plan.endpoints.iter().filter(|e| e.configuration.is_some()).map(|e| e.name.as_str()).collect();
         if !configured.is_empty() && self.runtime.image(&options.configurator).await?.is_none() {
-            return Err(LabError::ConfiguratorMissing { reference: options.configurator.clone(), endpoints: configured.join(", ") });
+            return Err(LabError::ConfiguratorMissing {
+                reference: options.configurator.clone(),
+                endpoints: configured.join(", "),
+            });
         }
 
         let mut state = LessonState::new(&lesson_dir, plan);
         state.publish_address = options.publish_address;
+        state.port_base = options.port_base;
         state.configurator = options.configurator.clone();
         state.vm_env = vec![format!("VIAL_ACCEL={}", options.accel)];
         state.vm_devices = vec!["/dev/net/tun".into()];
@@ -329,7 +344,12 @@ impl<R: Runtime> Lab<R> {
             progress.draw();
         }
         match brought {
-            Ok(published) => Ok(UpSummary { lesson: slug, stage: options.stage, published, seconds: started.elapsed().as_secs_f64() }),
+            Ok(published) => Ok(UpSummary {
+                lesson: slug,
+                stage: options.stage,
+                published,
+                seconds: started.elapsed().as_secs_f64(),
+            }),
             Err(err) => {
                 if options.keep {
                     tracing::warn!("--keep: leaving what was made; `vialctl down {slug}` removes it");
@@ -379,7 +399,9 @@ impl<R: Runtime> Lab<R> {
         let tasks = plan.endpoints.iter().map(|endpoint| {
             let booting = Arc::clone(&booting);
             let host = &host;
-            async move { self.start_endpoint(shared, endpoint, host, booting, stage, deadline, options.timeout, progress).await }
+            async move {
+                self.start_endpoint(shared, endpoint, host, booting, stage, deadline, options.timeout, progress).await
+            }
         });
         let published: Vec<Vec<Published>> = futures::future::try_join_all(tasks).await?;
         if let Some(delay) = ready_delay.filter(|d| *d > 0) {
@@ -395,18 +417,31 @@ impl<R: Runtime> Lab<R> {
     /// The container of `endpoint`, from the state alone (so `restart` makes the same one).
     fn container_spec(&self, state: &LessonState, endpoint: &EndpointPlan) -> ContainerSpec {
         let plan = &state.plan;
+        // With a port base, ports are numbered across the lesson in plan order.
+        let before: usize = plan.endpoints.iter().take_while(|e| e.name != endpoint.name).map(|e| e.ports.len()).sum();
+        let host_port = |i: usize| state.port_base.and_then(|base| u16::try_from(usize::from(base) + before + i).ok());
         let mut spec = ContainerSpec {
             name: endpoint.container.clone(),
             hostname: endpoint.name.clone(),
             image: endpoint.image.clone(),
             labels: plan.labels(&[(ENDPOINT_LABEL, &endpoint.name)]),
             network: plan.network.clone(),
-            publish: endpoint.ports.iter().map(|&port| Publish { container_port: port, host_address: state.publish_address }).collect(),
+            publish: endpoint
+                .ports
+                .iter()
+                .enumerate()
+                .map(|(i, &port)| Publish {
+                    container_port: port,
+                    host_address: state.publish_address,
+                    host_port: host_port(i),
+                })
+                .collect(),
             binds: vec![Bind { host: state.lesson_dir.clone(), container: "/antidote".into(), read_only: true }],
             ..Default::default()
         };
         if let Kind::Vm { .. } = endpoint.kind {
-            spec.env = vec![format!("VIAL_NAME={}", endpoint.name), format!("VIAL_DATA_IFACES={}", endpoint.links.len())];
+            spec.env =
+                vec![format!("VIAL_NAME={}", endpoint.name), format!("VIAL_DATA_IFACES={}", endpoint.links.len())];
             spec.env.extend(state.vm_env.iter().cloned());
             spec.devices = state.vm_devices.clone();
             spec.cap_add = vec!["NET_ADMIN".into()];
@@ -438,7 +473,12 @@ impl<R: Runtime> Lab<R> {
         let mut phase = Phase::Created;
         let failed = |phase: Phase, message: String| async move {
             progress.set(name, Phase::Failed, "");
-            LabError::Endpoint { endpoint: name.to_string(), phase: phase.as_str(), message, log: self.last_words(state, endpoint).await }
+            LabError::Endpoint {
+                endpoint: name.to_string(),
+                phase: phase.as_str(),
+                message,
+                log: self.last_words(state, endpoint).await,
+            }
         };
         let cold = matches!(endpoint.kind, Kind::Vm { snapshot: false, .. });
         let permit = if cold {
@@ -450,7 +490,9 @@ impl<R: Runtime> Lab<R> {
         } else {
             None
         };
-        self.runtime.start(&endpoint.container).await?;
+        if let Err(err) = self.runtime.start(&endpoint.container).await {
+            return Err(failed(Phase::Created, format!("{}: {}", err.what, err.message)).await);
+        }
         let info = self.runtime.inspect(&endpoint.container).await?.unwrap_or_default();
         let Some(pid) = info.pid else {
             return Err(failed(phase, "the container exited at once".into()).await);
@@ -502,11 +544,16 @@ impl<R: Runtime> Lab<R> {
             };
             let address = SocketAddr::from((state.publish_address, *host_port));
             let presentation = endpoint.presentations.iter().find(|p| p.port == *port);
-            let (label, kind) = presentation.map_or(("port".to_string(), "tcp".to_string()), |p| (p.name.clone(), p.kind.clone()));
+            let (label, kind) =
+                presentation.map_or(("port".to_string(), "tcp".to_string()), |p| (p.name.clone(), p.kind.clone()));
             published.push(Published { endpoint: name.to_string(), name: label, kind, address });
         }
         for presentation in published.iter().filter(|p| p.name != "port") {
-            progress.set(name, phase, format!("{} {} on {}", presentation.name, presentation.kind, presentation.address));
+            progress.set(
+                name,
+                phase,
+                format!("{} {} on {}", presentation.name, presentation.kind, presentation.address),
+            );
             let exited = async {
                 let code = self.runtime.wait(&endpoint.container).await;
                 format!("the container exited ({})", code.map_or_else(|e| e.to_string(), |c| format!("code {c}")))
@@ -523,7 +570,8 @@ impl<R: Runtime> Lab<R> {
         if let Some(stage) = stage.filter(|_| endpoint.configuration.is_some()) {
             phase = Phase::Configuring;
             progress.set(name, phase, format!("stage {stage}"));
-            let configured = configure::configure(&self.runtime, plan, &state.lesson_dir, &state.configurator, endpoint, stage);
+            let configured =
+                configure::configure(&self.runtime, plan, &state.lesson_dir, &state.configurator, endpoint, stage);
             match tokio::time::timeout_at(deadline, configured).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => {
@@ -538,9 +586,21 @@ impl<R: Runtime> Lab<R> {
         Ok(published)
     }
 
-    async fn timed_out(&self, state: &LessonState, endpoint: &EndpointPlan, phase: Phase, timeout: Duration, progress: &Progress) -> LabError {
+    async fn timed_out(
+        &self,
+        state: &LessonState,
+        endpoint: &EndpointPlan,
+        phase: Phase,
+        timeout: Duration,
+        progress: &Progress,
+    ) -> LabError {
         progress.set(&endpoint.name, Phase::Failed, "timed out");
-        LabError::Timeout { endpoint: endpoint.name.clone(), phase: phase.as_str(), timeout, log: self.last_words(state, endpoint).await }
+        LabError::Timeout {
+            endpoint: endpoint.name.clone(),
+            phase: phase.as_str(),
+            timeout,
+            log: self.last_words(state, endpoint).await,
+        }
     }
 
     /// The last lines of an endpoint's serial console (VM) and of its container's log.
@@ -655,8 +715,10 @@ impl<R: Runtime> Lab<R> {
             let health = match (&endpoint.kind, &info) {
                 (Kind::Vm { .. }, Some(info)) if info.running => {
                     let socket = self.states.run_dir(&plan.lesson, &endpoint.name).join(crate::rundir::HEALTH);
-                    let answer =
-                        tokio::task::spawn_blocking(move || crate::health::query(&socket, "/status", Duration::from_secs(3))).await;
+                    let answer = tokio::task::spawn_blocking(move || {
+                        crate::health::query(&socket, "/status", Duration::from_secs(3))
+                    })
+                    .await;
                     match answer {
                         Ok(Ok((_, body))) => serde_json::from_str::<serde_json::Value>(&body)
                             .ok()
@@ -683,7 +745,11 @@ impl<R: Runtime> Lab<R> {
                         },
                         None => "missing",
                     };
-                    links.push(LinkStatus { iface: end.iface.clone(), peer: format!("{}:{}", other.endpoint, other.iface), state: state.into() });
+                    links.push(LinkStatus {
+                        iface: end.iface.clone(),
+                        peer: format!("{}:{}", other.endpoint, other.iface),
+                        state: state.into(),
+                    });
                 }
             }
             statuses.push(EndpointStatus {
@@ -701,7 +767,9 @@ impl<R: Runtime> Lab<R> {
 
     /// The state of a running lesson (for `graph`, `status`).
     pub fn state(&self, lesson: Option<&str>) -> Result<LessonState, LabError> {
-        let lesson = self.which(lesson)?.ok_or_else(|| StateError::NotUp { lesson: "(any)".into(), path: self.states.0.join("lessons") })?;
+        let lesson = self
+            .which(lesson)?
+            .ok_or_else(|| StateError::NotUp { lesson: "(any)".into(), path: self.states.0.join("lessons") })?;
         Ok(self.states.load(&lesson)?)
     }
 
@@ -718,11 +786,19 @@ impl<R: Runtime> Lab<R> {
         let plan = &state.plan;
         let found = self.find_endpoint(plan, endpoint)?;
         if !found.links.iter().any(|l| l == iface) {
-            return Err(LabError::NotInLesson { what: format!("link {endpoint}:{iface}"), known: found.links.join(", ") });
+            return Err(LabError::NotInLesson {
+                what: format!("link {endpoint}:{iface}"),
+                known: found.links.join(", "),
+            });
         }
         let info = self.runtime.inspect(&found.container).await?;
         let Some(pid) = info.and_then(|i| i.pid) else {
-            return Err(LabError::Endpoint { endpoint: endpoint.into(), phase: "running", message: "its container is not running".into(), log: String::new() });
+            return Err(LabError::Endpoint {
+                endpoint: endpoint.into(),
+                phase: "running",
+                message: "its container is not running".into(),
+                log: String::new(),
+            });
         };
         wire::set_admin_state(pid, endpoint, iface, up).await?;
         Ok(())
@@ -744,7 +820,7 @@ impl<R: Runtime> Lab<R> {
         let plan = &state.plan;
         let found = self.find_endpoint(plan, endpoint)?.clone();
         let deadline = tokio::time::Instant::now() + timeout;
-        let progress = Progress::new(&[found.name.clone()]);
+        let progress = Progress::new(std::slice::from_ref(&found.name));
         self.runtime.remove(&found.container).await?;
         let host = wire::host_netlink()?;
         for link in plan.links.iter().filter(|l| l.touches(endpoint)) {
@@ -782,7 +858,14 @@ impl<R: Runtime> Lab<R> {
             let progress = &progress;
             async move {
                 progress.set(&endpoint.name, Phase::Configuring, format!("stage {stage}"));
-                let run = configure::configure(&self.runtime, &state.plan, &state.lesson_dir, &state.configurator, endpoint, stage);
+                let run = configure::configure(
+                    &self.runtime,
+                    &state.plan,
+                    &state.lesson_dir,
+                    &state.configurator,
+                    endpoint,
+                    stage,
+                );
                 match tokio::time::timeout(timeout, run).await {
                     Ok(Ok(_)) => {
                         progress.set(&endpoint.name, Phase::Done, format!("stage {stage}"));
@@ -792,7 +875,12 @@ impl<R: Runtime> Lab<R> {
                         progress.set(&endpoint.name, Phase::Failed, "");
                         Err(LabError::from(err))
                     }
-                    Err(_) => Err(LabError::Timeout { endpoint: endpoint.name.clone(), phase: "configuring", timeout, log: String::new() }),
+                    Err(_) => Err(LabError::Timeout {
+                        endpoint: endpoint.name.clone(),
+                        phase: "configuring",
+                        timeout,
+                        log: String::new(),
+                    }),
                 }
             }
         });

@@ -166,7 +166,9 @@ pub fn network_name(slug: &str) -> String {
 fn host(subnet: IpNetwork, n: u32) -> Option<IpNetwork> {
     let address = match subnet {
         IpNetwork::V4(net) => IpAddr::V4(net.nth(n)?),
-        IpNetwork::V6(net) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(net.network()).checked_add(u128::from(n))?)),
+        IpNetwork::V6(net) => {
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(net.network()).checked_add(u128::from(n))?))
+        }
     };
     (subnet.contains(address)).then(|| IpNetwork::new(address, subnet.prefix()).ok()).flatten()
 }
@@ -182,7 +184,8 @@ pub fn plan(lesson: &Lesson, images: &BTreeMap<String, ImageChoice>, mtu: u32) -
             let ifaces = links_of.entry(lesson_endpoint(lesson, endpoint)).or_default();
             let iface = format!("eth{}", ifaces.len() + 1);
             ifaces.push(iface.clone());
-            let container = lesson.endpoints.iter().find(|e| e.name.value == endpoint).and_then(|e| images.get(&e.image.value));
+            let container =
+                lesson.endpoints.iter().find(|e| e.name.value == endpoint).and_then(|e| images.get(&e.image.value));
             let plain = matches!(container.map(|c| &c.kind), Some(Kind::Container));
             End { endpoint: endpoint.to_string(), iface, address: subnet.filter(|_| plain).and_then(|s| host(s, nth)) }
         };

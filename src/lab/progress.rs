@@ -140,7 +140,10 @@ impl Progress {
 
 /// The `status` table: one line per endpoint, its links below it.
 pub fn status_table(lesson: &str, statuses: &[super::EndpointStatus]) -> String {
-    let mut out = format!("lesson {lesson}\n{:<14} {:<24} {:<10} {:<12} {:<16} PORTS\n", "ENDPOINT", "IMAGE", "CONTAINER", "HEALTH", "ADDRESS");
+    let mut out = format!(
+        "lesson {lesson}\n{:<14} {:<24} {:<10} {:<12} {:<16} PORTS\n",
+        "ENDPOINT", "IMAGE", "CONTAINER", "HEALTH", "ADDRESS"
+    );
     for status in statuses {
         let ports: Vec<String> = status.ports.iter().map(|(c, h)| format!("{c}->{h}")).collect();
         let address = status.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into());

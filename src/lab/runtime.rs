@@ -34,6 +34,8 @@ pub struct Publish {
     pub container_port: u16,
     /// The host address it is published on (loopback by default).
     pub host_address: Ipv4Addr,
+    /// The host port, or `None` for a free one the engine picks.
+    pub host_port: Option<u16>,
 }
 
 /// A bind mount.

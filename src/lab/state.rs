@@ -28,6 +28,9 @@ pub struct LessonState {
     pub subnet: Option<String>,
     /// The host address ports are published on.
     pub publish_address: std::net::Ipv4Addr,
+    /// The first host port of consecutive fixed ones, or `None` for ports the engine picks.
+    #[serde(default)]
+    pub port_base: Option<u16>,
     /// The environment VM endpoints get beyond their name and links (`VIAL_ACCEL=tcg`).
     pub vm_env: Vec<String>,
     /// Devices VM endpoints get.
@@ -88,7 +91,8 @@ impl StateDir {
     pub fn save(&self, state: &LessonState) -> Result<(), StateError> {
         let path = self.file(&state.plan.lesson);
         let io = |what, source| StateError::Io { what, path: path.clone(), source };
-        std::fs::create_dir_all(path.parent().expect("a state file has a folder")).map_err(|e| io("create the folder of", e))?;
+        std::fs::create_dir_all(path.parent().expect("a state file has a folder"))
+            .map_err(|e| io("create the folder of", e))?;
         let text = serde_json::to_vec_pretty(state).expect("a state always serializes");
         let temporary = path.with_extension(format!("json.{}.tmp", std::process::id()));
         std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, &path)).map_err(|e| io("write", e))
@@ -132,10 +136,8 @@ impl StateDir {
     /// The lessons that are up, by slug.
     pub fn lessons(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.0.join("lessons")) else { return Vec::new() };
-        let mut lessons: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(String::from))
-            .collect();
+        let mut lessons: Vec<String> =
+            entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(String::from)).collect();
         lessons.sort();
         lessons
     }
@@ -150,6 +152,7 @@ impl LessonState {
             plan,
             subnet: None,
             publish_address: std::net::Ipv4Addr::LOCALHOST,
+            port_base: None,
             vm_env: Vec::new(),
             vm_devices: Vec::new(),
             configurator: String::new(),

@@ -119,7 +119,8 @@ pub async fn create_pair(host: &Handle, lesson: &str, link: &LinkPlan) -> Result
             let _ = host.link().del(stale).execute().await;
         }
     }
-    let step = format!("create the veth pair for {}:{} - {}:{}", link.a.endpoint, link.a.iface, link.b.endpoint, link.b.iface);
+    let step =
+        format!("create the veth pair for {}:{} - {}:{}", link.a.endpoint, link.a.iface, link.b.endpoint, link.b.iface);
     tracing::debug!(%step, tmp_a = %names.0, tmp_b = %names.1, mtu = link.mtu, "RTM_NEWLINK veth");
     host.link()
         .add(LinkVeth::new(&names.0, &names.1).mtu(link.mtu).build())
@@ -134,10 +135,16 @@ pub async fn move_end(host: &Handle, lesson: &str, link: &LinkPlan, side: Side, 
     let names = temporary_names(lesson, link.index);
     let (end, tmp) = side.pick(link, &names);
     let step = |what: String| move |source| WireError::Step { step: what, source };
-    let index = index_of(host, tmp).await.map_err(step(format!("find {tmp} (the veth for {}:{})", end.endpoint, end.iface)))?;
-    let message = LinkUnspec::new_with_index(index).setns_by_pid(pid).name(end.iface.clone()).mtu(link.mtu).up().build();
+    let index =
+        index_of(host, tmp).await.map_err(step(format!("find {tmp} (the veth for {}:{})", end.endpoint, end.iface)))?;
+    let message =
+        LinkUnspec::new_with_index(index).setns_by_pid(pid).name(end.iface.clone()).mtu(link.mtu).up().build();
     tracing::debug!(tmp, iface = %end.iface, pid, "RTM_NEWLINK: into the container");
-    host.link().set(message).execute().await.map_err(step(format!("move {tmp} into {} as {}", end.endpoint, end.iface)))?;
+    host.link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(step(format!("move {tmp} into {} as {}", end.endpoint, end.iface)))?;
     if let Some(address) = end.address {
         add_address(end, pid, address).await?;
     }
@@ -189,10 +196,11 @@ pub async fn link_state(pid: u32, iface: &str) -> Result<(bool, bool), WireError
     let handle = netlink_in(pid).await?;
     let step = |source| WireError::Step { step: format!("read {iface}"), source };
     let mut links = handle.link().get().match_name(iface.to_string()).execute();
-    let link = links.try_next().await.map_err(step)?.ok_or(WireError::Step {
-        step: format!("read {iface}"),
-        source: rtnetlink::Error::RequestFailed,
-    })?;
+    let link = links
+        .try_next()
+        .await
+        .map_err(step)?
+        .ok_or(WireError::Step { step: format!("read {iface}"), source: rtnetlink::Error::RequestFailed })?;
     Ok((link.header.flags.contains(LinkFlags::Up), link.header.flags.contains(LinkFlags::LowerUp)))
 }
 

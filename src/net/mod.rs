@@ -10,12 +10,12 @@
 //!
 //! Nothing under `net` ever touches the management interface.
 
+/// The data links over the endpoint's life: waiting, stitching, hot-plug and unplug.
+pub mod dataplane;
 /// Data link discovery and waiting.
 pub mod links;
 /// Stitching a data link to a VM NIC: plans per plumbing mode and their executor.
 pub mod plumb;
-/// The data links over the endpoint's life: waiting, stitching, hot-plug and unplug.
-pub mod dataplane;
 /// The self-check that proves a stitched link carries frames.
 pub mod selfcheck;
 /// TAP, macvtap and vhost-net descriptors.

@@ -53,7 +53,6 @@ const PROBE_PRIORITY: u16 = 0xfff0;
 /// `ETH_P_ALL` in network byte order, as tc filters take their protocol (`protocol all`).
 const PROTOCOL_ALL: u16 = 0x0003u16.to_be();
 
-
 /// The TAP of VM NIC `nic` (1-based).
 pub fn tap_name(nic: u32) -> String {
     format!("vtap{nic}")
@@ -882,5 +881,4 @@ mod tests {
             assert!(name.len() <= 15, "{name}");
         }
     }
-
 }

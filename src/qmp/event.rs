@@ -168,7 +168,6 @@ pub fn next_run_state(current: &RunState, event: &VmEvent) -> RunState {
     }
 }
 
-
 /// The generic shape of every event (qmp-spec, "Asynchronous events"), parsed before the typed
 /// one so that an event the schema rejects can still be logged by name.
 #[derive(Deserialize)]
@@ -220,4 +219,3 @@ pub(super) fn decode_event(message: Value) -> Option<VmEvent> {
         _ => VmEvent::Other { name: raw.event },
     })
 }
-

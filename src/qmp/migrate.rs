@@ -47,7 +47,12 @@ impl Qmp {
     /// Saves the paused-or-running guest into `stream` (`migrate fd:`) and waits until the
     /// migration completes, polling every `poll` for up to `timeout`. The guest stays stopped
     /// afterwards.
-    pub async fn migrate_to(&self, stream: BorrowedFd<'_>, poll: Duration, timeout: Duration) -> Result<MigrationDone, QmpError> {
+    pub async fn migrate_to(
+        &self,
+        stream: BorrowedFd<'_>,
+        poll: Duration,
+        timeout: Duration,
+    ) -> Result<MigrationDone, QmpError> {
         self.getfd(STREAM_FD, stream).await?;
         let uri = Some(format!("fd:{STREAM_FD}"));
         self.execute(qapi::qmp::migrate { uri, channels: None, detach: None, resume: None }).await?;
@@ -57,7 +62,12 @@ impl Qmp {
     /// Loads a guest saved by [`Qmp::migrate_to`] from `stream` into a QEMU started with
     /// `-incoming defer` (`migrate-incoming fd:`), and waits until it is loaded. The guest
     /// stays paused until `cont`.
-    pub async fn migrate_from(&self, stream: BorrowedFd<'_>, poll: Duration, timeout: Duration) -> Result<MigrationDone, QmpError> {
+    pub async fn migrate_from(
+        &self,
+        stream: BorrowedFd<'_>,
+        poll: Duration,
+        timeout: Duration,
+    ) -> Result<MigrationDone, QmpError> {
         self.getfd(STREAM_FD, stream).await?;
         let uri = Some(format!("fd:{STREAM_FD}"));
         self.execute(qapi::qmp::migrate_incoming { uri, channels: None, exit_on_error: None }).await?;

@@ -162,7 +162,6 @@ pub enum QmpError {
     },
 }
 
-
 /// A handle to a negotiated QMP connection. Clones share the connection; commands from several
 /// tasks may be in flight at once, each matched to its reply by `id`.
 #[derive(Clone)]
@@ -170,13 +169,11 @@ pub struct Qmp {
     link: Arc<Link>,
 }
 
-
 impl fmt::Debug for Qmp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Qmp").field("closed", &self.link.pending.is_closed()).finish()
     }
 }
-
 
 /// Reads QEMU's greeting, negotiates capabilities, and starts the tasks that own the stream.
 ///
@@ -209,7 +206,6 @@ pub async fn connect_unix(stream: UnixStream) -> Result<(Qmp, Events), QmpError>
     let (read_half, write_half) = stream.into_split();
     wire::start(read_half, write_half).await
 }
-
 
 /// The reply to `query-status`. Parsed by hand rather than as `qapi::qmp::StatusInfo`, whose
 /// closed `RunState` enum would turn a state newer than the schema into a decode error; unknown
@@ -291,7 +287,6 @@ impl Qmp {
             Err(error) => Err(error),
         }
     }
-
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use super::{Qmp, QmpError};
 use super::device::{self, Device};
+use super::{Qmp, QmpError};
 
 /// A NIC to hot-plug into the running VM: a tap backend (`netdev_add type=tap`) on descriptors
 /// that vial opened, and the guest device in front of it (`device_add`). QEMU receives its own

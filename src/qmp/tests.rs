@@ -1,6 +1,7 @@
 use super::event::RUN_STATE_NAMES;
 use super::wire::PendingTable;
 use super::*;
+use crate::qmp::device::Device;
 use nix::sys::socket::MsgFlags;
 use serde_json::json;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -8,7 +9,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Interest, ReadHalf, WriteHalf};
-use crate::qmp::device::Device;
 
 /// QEMU 7.2's greeting, as captured from the real binary.
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
@@ -203,10 +203,8 @@ async fn unknown_misfit_and_garbage_lines_are_skipped() {
     let (qmp, mut events, mut peer) = connected().await;
     let mut state = RunState::Running;
 
-    peer.send(
-        r#"{"event": "VIAL_FUTURE_EVENT", "data": {"x": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
-    )
-    .await;
+    peer.send(r#"{"event": "VIAL_FUTURE_EVENT", "data": {"x": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}"#)
+        .await;
     peer.send("this is not json {").await;
     // A name the schema knows, with data that does not fit it.
     peer.event("SHUTDOWN", Some(json!({"guest": "yes"}))).await;
@@ -880,8 +878,7 @@ async fn hotplug_nic_passes_descriptors_then_adds_netdev_and_device() {
         let request = peer.answer("netdev_add", ok.clone()).await;
         assert_eq!(request["arguments"], json!({"type": "tap", "id": "data4", "fd": "data4"}));
         let request = peer.answer("device_add", ok.clone()).await;
-        let device =
-            json!({"driver": "virtio-net-pci", "id": "nic4", "netdev": "data4", "mac": "02:00:00:00:00:03"});
+        let device = json!({"driver": "virtio-net-pci", "id": "nic4", "netdev": "data4", "mac": "02:00:00:00:00:03"});
         assert_eq!(request["arguments"], device);
     };
     let (result, ()) = tokio::join!(qmp.hotplug_nic(&nic), peer_side);
@@ -1026,8 +1023,7 @@ async fn unplug_again_waits_for_a_pending_unplug_or_finds_nothing_to_do() {
     let (result, ()) = tokio::join!(qmp.unplug_nic("nic3", "data3", PATIENCE), peer_side);
     result.unwrap();
 
-    let gone =
-        |what: &str| json!({"error": {"class": "DeviceNotFound", "desc": format!("Device '{what}' not found")}});
+    let gone = |what: &str| json!({"error": {"class": "DeviceNotFound", "desc": format!("Device '{what}' not found")}});
     let peer_side = async {
         peer.answer("device_del", gone("nic3")).await;
         peer.answer("netdev_del", gone("data3")).await;

@@ -49,7 +49,6 @@ pub(super) struct Request {
     pub(super) fds: Vec<OwnedFd>,
 }
 
-
 /// How QEMU answered one command.
 pub(super) enum Reply {
     /// `{"return": ...}`.
@@ -187,7 +186,6 @@ impl Drop for DeletionWatch<'_> {
         self.pending.lock().deletions.remove(&self.token);
     }
 }
-
 
 /// The writing half of a QMP stream, and the Unix socket under it when there is one: the
 /// writer task sends a line that carries descriptors with `sendmsg(2)` on that socket.
@@ -358,7 +356,6 @@ pub(super) fn classify(line: &[u8]) -> Message {
     Message::Skip
 }
 
-
 /// The reader task: dispatches replies and events until the stream ends, then fails pending
 /// commands with `Closed` and, by dropping `events`, ends the event receiver.
 async fn read_messages<R: AsyncRead + Unpin>(
@@ -464,4 +461,3 @@ async fn send_with_fds<W: QmpWriter>(writer: &mut W, line: &[u8], fds: &[OwnedFd
     // A stream socket may take only part of the line; the descriptors went with that part.
     write_line(writer, &line[sent..]).await
 }
-

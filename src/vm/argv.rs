@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use crate::qmp::device::Device;
 use super::Accel;
 use crate::config::Profile;
+use crate::qmp::device::Device;
 use crate::rundir;
 
 /// Runtime inputs that the profile cannot know.
@@ -123,10 +123,8 @@ pub const SHARE_FSDEV_ID: &str = "lesson";
 /// management NIC, reserved NICs from slot 2) leave it free; a device hot-plugged after a
 /// snapshot loads then lands where it is at a cold boot.
 pub fn share_device(profile: &Profile, tag: &str) -> Device {
-    let mut device = Device::new("virtio-9p-pci")
-        .with("id", SHARE_DEVICE_ID)
-        .with("fsdev", SHARE_FSDEV_ID)
-        .with("mount_tag", tag);
+    let mut device =
+        Device::new("virtio-9p-pci").with("id", SHARE_DEVICE_ID).with("fsdev", SHARE_FSDEV_ID).with("mount_tag", tag);
     let pc = profile.machine_type == "pc" || profile.machine_type.starts_with("pc-");
     let before = profile.disks.iter().filter(|d| d.interface != "ide").count() + 1 + profile.reserved_nics as usize;
     if pc && before <= 5 {

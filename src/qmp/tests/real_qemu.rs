@@ -65,9 +65,7 @@ async fn spawn_qemu(tag: &str, args: &[&str]) -> Qemu {
         .args(args)
         .stdin(Stdio::null())
         .spawn()
-        .unwrap_or_else(|error| {
-            panic!("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86): {error}")
-        });
+        .unwrap_or_else(|error| panic!("cannot start qemu-system-x86_64 (install Debian's qemu-system-x86): {error}"));
     let mut qemu = Qemu { child, socket };
     let path = qemu.socket.clone();
     wait_until("the qmp socket", || {
@@ -171,14 +169,12 @@ async fn guest_reset_turned_into_shutdown_then_stop() {
     // mov al, 0xfe; out 0x64, al (i8042 CPU reset); hlt; jmp back to hlt.
     let bios = firmware("reset", &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
     let bios_arg = bios.0.to_str().unwrap();
-    let args =
-        ["-machine", "pc", "-m", "16", "-bios", bios_arg, "-S", "-action", "reboot=shutdown,shutdown=pause"];
+    let args = ["-machine", "pc", "-m", "16", "-bios", bios_arg, "-S", "-action", "reboot=shutdown,shutdown=pause"];
     let (mut qemu, qmp, mut events) = start_qemu("reset", &args).await;
     let mut state = qmp.query_status().await.unwrap();
     assert_eq!(state, RunState::Prelaunch);
     qmp.execute(qapi::qmp::cont {}).await.unwrap();
-    let expected =
-        [VmEvent::Resume, VmEvent::Shutdown { guest: true, reason: "guest-reset".into() }, VmEvent::Stop];
+    let expected = [VmEvent::Resume, VmEvent::Shutdown { guest: true, reason: "guest-reset".into() }, VmEvent::Stop];
     for want in expected {
         let event = next_event(&mut events).await.unwrap();
         assert_eq!(event, want);
@@ -206,8 +202,7 @@ async fn guest_panic_then_stop() {
     let code = [0xb0, 0x01, 0xba, 0x05, 0x05, 0xee, 0xf4, 0xeb, 0xfd];
     let bios = firmware("panic", &code);
     let bios_arg = bios.0.to_str().unwrap();
-    let args =
-        ["-machine", "pc", "-m", "16", "-bios", bios_arg, "-S", "-device", "pvpanic", "-action", "panic=pause"];
+    let args = ["-machine", "pc", "-m", "16", "-bios", bios_arg, "-S", "-device", "pvpanic", "-action", "panic=pause"];
     let (mut qemu, qmp, mut events) = start_qemu("panic", &args).await;
     let mut state = qmp.query_status().await.unwrap();
     qmp.execute(qapi::qmp::cont {}).await.unwrap();
@@ -358,8 +353,7 @@ async fn unplug_through_a_reset(qmp: &Qmp, events: &mut Events, tap: &str) {
 #[test]
 fn hotplug_and_unplug_a_tap_nic_on_pc() {
     in_new_network_namespace(|| async {
-        let (mut qemu, qmp, mut events) =
-            start_qemu_unix("hotplug-pc", &["-machine", "pc", "-m", "16", "-S"]).await;
+        let (mut qemu, qmp, mut events) = start_qemu_unix("hotplug-pc", &["-machine", "pc", "-m", "16", "-S"]).await;
         let tap = format!("vqt{}", std::process::id());
 
         // A device model QEMU does not have: the netdev is deleted again, which closes
@@ -448,10 +442,8 @@ fn q35_native_pcie_hotplug_unplugs_an_unpowered_slot_at_once() {
         assert!(peripheral_ids(&qmp).await.contains(&"nic3".to_string()));
 
         qmp.unplug_nic("nic3", "data3", PATIENCE).await.unwrap();
-        let device =
-            VmEvent::DeviceDeleted { device: Some("nic3".into()), path: "/machine/peripheral/nic3".into() };
-        let backend =
-            VmEvent::DeviceDeleted { device: None, path: "/machine/peripheral/nic3/virtio-backend".into() };
+        let device = VmEvent::DeviceDeleted { device: Some("nic3".into()), path: "/machine/peripheral/nic3".into() };
+        let backend = VmEvent::DeviceDeleted { device: None, path: "/machine/peripheral/nic3/virtio-backend".into() };
         assert_eq!(next_event(&mut events).await, Some(backend));
         assert_eq!(next_event(&mut events).await, Some(device));
         assert!(!peripheral_ids(&qmp).await.contains(&"nic3".to_string()));

@@ -198,7 +198,8 @@ pub fn file_stamps(profile: &Profile) -> Vec<FileStamp> {
 /// Reads `dir/snapshot.json`. The error says why the snapshot cannot be used.
 pub fn load_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path).map_err(|source| SnapshotError::NoManifest { path: path.clone(), source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| SnapshotError::NoManifest { path: path.clone(), source })?;
     let manifest: Manifest =
         serde_json::from_str(&text).map_err(|source| SnapshotError::BadManifest { path: path.clone(), source })?;
     if manifest.format != FORMAT {
@@ -278,7 +279,8 @@ mod tests {
         assert!(err.contains("`512`") && err.contains("`256`"), "{err}");
         let err = check_fits(&m, &machine_argv(&p, Accel::Kvm, &[]), &file_stamps(&p)).unwrap_err().to_string();
         assert!(err.contains("`kvm`"), "{err}");
-        let err = check_fits(&m, &machine_argv(&p, Accel::Tcg, &["-smp".into()]), &file_stamps(&p)).unwrap_err().to_string();
+        let err =
+            check_fits(&m, &machine_argv(&p, Accel::Tcg, &["-smp".into()]), &file_stamps(&p)).unwrap_err().to_string();
         assert!(err.contains("`-smp`") && err.contains("(end)"), "{err}");
     }
 
@@ -306,5 +308,4 @@ mod tests {
         assert!(load_manifest(&dir).unwrap_err().to_string().contains("is not a snapshot manifest"));
         std::fs::remove_dir_all(dir).unwrap();
     }
-
 }

@@ -107,7 +107,10 @@ async fn load(
     })?;
     let profile = &config.profile;
     if let (true, Some(lesson)) = (share, &profile.share) {
-        handle.device_add(&argv::share_device(profile, &lesson.tag)).await.map_err(step("hot-plugging the 9p share"))?;
+        handle
+            .device_add(&argv::share_device(profile, &lesson.tag))
+            .await
+            .map_err(step("hot-plugging the 9p share"))?;
     }
     for nic in nics {
         handle.hotplug_nic(nic).await.map_err(step("hot-plugging a data link"))?;

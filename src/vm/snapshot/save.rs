@@ -87,7 +87,8 @@ pub enum SaveError {
 pub fn run(config: Config) -> Result<Manifest, SaveError> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(SaveError::Runtime)?;
-    let target = config.profile.snapshot.clone().ok_or_else(|| SaveError::NoTarget { profile: config.profile_path.clone() })?;
+    let target =
+        config.profile.snapshot.clone().ok_or_else(|| SaveError::NoTarget { profile: config.profile_path.clone() })?;
     qemu::require_binary(&config.profile.qemu)?;
     let accel = crate::vm::resolve_accel(config.profile.accel, crate::sys::kvm_usable)?.0;
     runtime.block_on(capture(&config, &target, accel))
@@ -180,7 +181,10 @@ async fn wait_exit(pid: u32) {
     use nix::unistd::Pid;
     loop {
         // WNOWAIT: only look; the caller reaps.
-        match waitid(Id::Pid(Pid::from_raw(pid as i32)), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT) {
+        match waitid(
+            Id::Pid(Pid::from_raw(pid as i32)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ) {
             Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(200)).await,
             _ => return,
         }

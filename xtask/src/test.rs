@@ -1,6 +1,6 @@
-//! `cargo xtask test`: the whole check, as CI runs it. Installs what is missing, runs
-//! shellcheck over the repository's shell scripts (the first half of `cargo xtask lint`; not
-//! clippy yet), builds the static binary and the test guest, then runs every test of the
+//! `cargo xtask test`: the whole check, as CI runs it. Installs what is missing, runs `cargo
+//! xtask lint` (shellcheck over the repository's shell scripts, clippy with warnings as
+//! errors), builds the static binary and the test guest, then runs every test of the
 //! workspace.
 
 use anyhow::{Context, Result};
@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 pub(crate) fn run(extra: &[&str]) -> Result<()> {
     crate::setup::run()?;
     // Before the tests, so that the run's last lines stay cargo test's summary.
-    crate::lint::shellcheck()?;
+    crate::lint::run()?;
     crate::dist::run()?;
     crate::guest::run()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

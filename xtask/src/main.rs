@@ -37,8 +37,9 @@ Commands:
             net     the data plane of each plumbing mode, against a plain veth pair (root)
             images  image build time, cold against cached, and container start to ready,
                     cold boot against the RAM snapshot (linux, frr; slow: builds from scratch)
-  demo    set up, build, and run one endpoint (vial + the linux guest) in a sandbox;
-          Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
+  demo    set up, build the images and bring up the example lesson (two frr routers and a
+          utility container, OSPF) with vialctl; Ctrl-C takes it down
+          (`demo endpoint`: one endpoint alone in a sandbox; --exit-when-ready: stop once ready)
   image   build the endpoint image of a profile (linux, frr, cumulus, vqfx) offline,
           first boot included: `cargo xtask image <profile> [--tag T] [--push]`; --help
   lint    shellcheck over every shell script, then cargo clippy --workspace --all-targets

@@ -42,7 +42,8 @@ Commands:
   demo    set up, build, and run one endpoint (vial + the linux guest) in a sandbox;
           Ctrl-C stops it cleanly (--exit-when-ready: stop once ready)
   image   build the endpoint image of a profile (linux, frr, cumulus, vqfx) offline,
-          first boot included: `cargo xtask image <profile> [--tag T] [--push]`; --help
+          first boot included: `cargo xtask image <profile> [--tag T] [--push]`; or a
+          plain-container image (utility, configurator); --help
   lint    shellcheck over every shell script, then cargo clippy --workspace --all-targets
           -- -D warnings
   setup   install the Debian packages building and testing need (as root)

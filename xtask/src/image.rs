@@ -1,6 +1,7 @@
 //! `cargo xtask image <profile> [--tag T] [--push] [--base IMAGE] [--source FILE] [--rebuild] [--no-cache]
 //! [--print-dockerfile]`: builds the endpoint image of one profile, first boot and RAM
-//! snapshot included (dockerfiles/README.md).
+//! snapshot included (dockerfiles/README.md). `cargo xtask image utility|configurator` builds
+//! a plain-container image instead: no profile, no VM; see [`container`] and its table.
 //!
 //! Every image is built from one template, `dockerfiles/Dockerfile.in`, rendered from the
 //! profile ([`dockerfile`]) into a staging directory, `target/image/<profile>/context/`, that
@@ -25,6 +26,7 @@
 //! unless asked with `--push`.
 
 pub(crate) mod base;
+mod container;
 pub(crate) mod debootstrap;
 pub(crate) mod dockerfile;
 pub(crate) mod first_boot;
@@ -47,6 +49,9 @@ Usage: cargo xtask image <profile> [options]
 Builds the endpoint image vial/<profile> from vm-profiles/<profile>.toml and the Dockerfile
 that dockerfiles/Dockerfile.in renders from it. Profiles: linux, frr, cumulus, vqfx.
 
+Plain-container images (no profile, no VM; dockerfiles/<name>/Dockerfile over a debootstrapped
+root filesystem): `cargo xtask image utility`, `cargo xtask image configurator`.
+
 Options:
   --tag T          tag the image T (default vial/<profile>:latest)
   --push           docker push the tag when built
@@ -66,7 +71,8 @@ VIAL_DEBIAN_MIRROR (default http://deb.debian.org/debian).
 /// What the command line asked for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Options {
-    /// Profile name (`vm-profiles/<name>.toml`).
+    /// Profile name (`vm-profiles/<name>.toml`), or the name of a plain-container image
+    /// ([`container::IMAGES`]).
     pub profile: String,
     /// Image tag.
     pub tag: Option<String>,
@@ -130,9 +136,10 @@ pub(crate) fn load_profile(name: &str) -> Result<ImageProfile> {
     let path = crate::project_root().join("vm-profiles").join(format!("{name}.toml"));
     ensure!(
         path.is_file(),
-        "there is no profile `{name}` ({} is missing); profiles: {}",
+        "there is no profile `{name}` ({} is missing); profiles: {}; plain-container images: {}",
         path.display(),
-        profile_names().join(", ")
+        profile_names().join(", "),
+        container::IMAGES.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
     );
     let file = ProfileFile::load(&path).map_err(|problem| anyhow::anyhow!("{problem}"))?;
     let description = file.description.clone();
@@ -178,6 +185,17 @@ pub(crate) fn run(args: &[&str]) -> Result<()> {
         return Ok(());
     }
     let options = Options::parse(args)?;
+    if let Some(image) = container::find(&options.profile) {
+        if options.print_dockerfile {
+            let path = crate::project_root().join("dockerfiles").join(image.name).join("Dockerfile");
+            print!("{}", fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let built = container::build(image, &options)?;
+        println!("image: {built} built in {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if options.print_dockerfile {
         print!("{}", dockerfile::dockerfile(&load_profile(&options.profile)?)?);
         return Ok(());
@@ -190,6 +208,9 @@ pub(crate) fn run(args: &[&str]) -> Result<()> {
 
 /// Builds the image `options` ask for and returns its tag.
 pub(crate) fn build(options: &Options) -> Result<String> {
+    if let Some(image) = container::find(&options.profile) {
+        return container::build(image, options);
+    }
     let image = load_profile(&options.profile)?;
     let dockerfile_text = dockerfile::dockerfile(&image)?;
     let files = dockerfile::image_files(&image)?;

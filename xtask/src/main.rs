@@ -41,7 +41,8 @@ Commands:
           utility container, OSPF) with vialctl; Ctrl-C takes it down
           (`demo endpoint`: one endpoint alone in a sandbox; --exit-when-ready: stop once ready)
   image   build the endpoint image of a profile (linux, frr, cumulus, vqfx) offline,
-          first boot included: `cargo xtask image <profile> [--tag T] [--push]`; --help
+          first boot included: `cargo xtask image <profile> [--tag T] [--push]`; or a
+          plain-container image (utility, configurator); --help
   lint    shellcheck over every shell script, then cargo clippy --workspace --all-targets
           -- -D warnings
   setup   install the Debian packages building and testing need (as root)

@@ -8,6 +8,7 @@
 //! never builds an endpoint image.
 
 use std::fs;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -71,6 +72,28 @@ pub(crate) fn ensure(rebuild: bool) -> Result<String> {
     let rootfs = cache.join("base-rootfs");
     debootstrap::run(PACKAGES, &rootfs)?;
     check_qemu_versions(&rootfs)?;
+    prune(&rootfs)?;
+    import(&rootfs, &stamp)?;
+    fs::remove_dir_all(&rootfs).with_context(|| format!("removing {}", rootfs.display()))?;
+    Ok(IMAGE.into())
+}
+
+/// `tar -c rootfs | docker import - IMAGE`, with the stamp as a label.
+fn import(rootfs: &Path, stamp: &str) -> Result<()> {
+    let changes = [
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        format!("LABEL {STAMP_LABEL}={stamp}"),
+        "LABEL org.opencontainers.image.title=\"vial base (Debian bookworm + QEMU)\"".to_string(),
+    ];
+    import_rootfs(rootfs, IMAGE, &changes)?;
+    let size = docker::inspect_image(IMAGE, "{{.Size}}").unwrap_or_default();
+    println!("image: base {IMAGE} imported ({} MB)", size.parse::<u64>().unwrap_or(0) / 1_000_000);
+    Ok(())
+}
+
+/// Empties [`PRUNE`] in `rootfs`: documentation, translations, apt's lists and the build
+/// host's name and resolver, which an image never needs.
+pub(super) fn prune(rootfs: &Path) -> Result<()> {
     for path in PRUNE {
         let path = rootfs.join(path);
         if path.is_dir() {
@@ -80,13 +103,12 @@ pub(crate) fn ensure(rebuild: bool) -> Result<String> {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
-    import(&rootfs, &stamp)?;
-    fs::remove_dir_all(&rootfs).with_context(|| format!("removing {}", rootfs.display()))?;
-    Ok(IMAGE.into())
+    Ok(())
 }
 
-/// `tar -c rootfs | docker import - IMAGE`, with the stamp as a label.
-fn import(rootfs: &std::path::Path, stamp: &str) -> Result<()> {
+/// `tar -c rootfs | docker import --change C... - tag`: a root filesystem as an image,
+/// without a registry or a build step.
+pub(super) fn import_rootfs(rootfs: &Path, tag: &str, changes: &[String]) -> Result<()> {
     let mut tar = Command::new("tar")
         .arg("-C")
         .arg(rootfs)
@@ -95,18 +117,13 @@ fn import(rootfs: &std::path::Path, stamp: &str) -> Result<()> {
         .stdout(Stdio::piped())
         .spawn()
         .context("running tar")?;
-    let changes = [
-        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        format!("LABEL {STAMP_LABEL}={stamp}"),
-        "LABEL org.opencontainers.image.title=\"vial base (Debian bookworm + QEMU)\"".to_string(),
-    ];
     let mut import = Command::new("docker");
     import.arg("import");
-    for change in &changes {
+    for change in changes {
         import.args(["--change", change]);
     }
     let status = import
-        .args(["-", IMAGE])
+        .args(["-", tag])
         .stdin(tar.stdout.take().expect("piped"))
         .stdout(Stdio::null())
         .status()
@@ -114,14 +131,12 @@ fn import(rootfs: &std::path::Path, stamp: &str) -> Result<()> {
     let tar_status = tar.wait()?;
     ensure!(tar_status.success(), "tar of {} failed ({tar_status})", rootfs.display());
     ensure!(status.success(), "docker import of {} failed ({status})", rootfs.display());
-    let size = docker::inspect_image(IMAGE, "{{.Size}}").unwrap_or_default();
-    println!("image: base {IMAGE} imported ({} MB)", size.parse::<u64>().unwrap_or(0) / 1_000_000);
     Ok(())
 }
 
 /// QEMU's emulator and tools from different releases refuse to be installed together on some
 /// machines and misbehave on others; the base must hold one version of both.
-fn check_qemu_versions(rootfs: &std::path::Path) -> Result<()> {
+fn check_qemu_versions(rootfs: &Path) -> Result<()> {
     let status = fs::read_to_string(rootfs.join("var/lib/dpkg/status")).context("reading the base's dpkg status")?;
     let version = |package: &str| {
         status.split("\n\n").find_map(|stanza| {

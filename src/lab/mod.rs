@@ -437,6 +437,8 @@ impl<R: Runtime> Lab<R> {
                 })
                 .collect(),
             binds: vec![Bind { host: state.lesson_dir.clone(), container: "/antidote".into(), read_only: true }],
+            // Lessons change addresses and routes in plain containers too (as root or sudo).
+            cap_add: vec!["NET_ADMIN".into()],
             ..Default::default()
         };
         if let Kind::Vm { .. } = endpoint.kind {
@@ -444,7 +446,6 @@ impl<R: Runtime> Lab<R> {
                 vec![format!("VIAL_NAME={}", endpoint.name), format!("VIAL_DATA_IFACES={}", endpoint.links.len())];
             spec.env.extend(state.vm_env.iter().cloned());
             spec.devices = state.vm_devices.clone();
-            spec.cap_add = vec!["NET_ADMIN".into()];
             spec.binds.push(Bind {
                 host: self.states.run_dir(&plan.lesson, &endpoint.name),
                 container: "/run/vial".into(),
@@ -841,6 +842,24 @@ impl<R: Runtime> Lab<R> {
         progress.set(endpoint, Phase::Created, "");
         let booting = Arc::new(Semaphore::new(1));
         self.start_endpoint(&state, &found, &host, booting, state.stage, deadline, timeout, &progress).await?;
+        // A plain container's routes over a recreated link went with it (a VM guest keeps its
+        // configuration, and its NIC comes back in the same slot): configure such peers again.
+        if let Some(stage) = state.stage {
+            for link in plan.links.iter().filter(|l| l.touches(endpoint)) {
+                for end in link.ends().into_iter().filter(|e| e.endpoint != endpoint) {
+                    let peer = self.find_endpoint(plan, &end.endpoint)?;
+                    if peer.kind == Kind::Container && peer.configuration.is_some() {
+                        let configured = configure::configure(&self.runtime, plan, &state.lesson_dir, &state.configurator, peer, stage);
+                        tokio::time::timeout_at(deadline, configured).await.map_err(|_| LabError::Timeout {
+                            endpoint: peer.name.clone(),
+                            phase: "configuring",
+                            timeout,
+                            log: String::new(),
+                        })??;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -84,6 +84,12 @@ struct UpArgs {
     /// The image stage configurations run in.
     #[arg(long, default_value = vial::lab::CONFIGURATOR)]
     configurator: String,
+    /// Bring the topology up without running the stage's configuration.
+    #[arg(long)]
+    no_config: bool,
+    /// Print the summary (published ports, timings) as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -269,8 +275,13 @@ async fn run(lab: &Lab<DockerRuntime>, command: Command) -> Result<(), LabError>
                 port_base: args.port_base,
                 accel: args.accel.to_possible_value().expect("no skipped values").get_name().to_string(),
                 configurator: args.configurator,
+                no_config: args.no_config,
             };
             let summary = lab.up(&options).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&summary).expect("a summary serializes"));
+                return Ok(());
+            }
             println!("lesson {} is up at stage {} ({:.1} s)", summary.lesson, summary.stage, summary.seconds);
             for published in &summary.published {
                 println!(

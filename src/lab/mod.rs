@@ -74,6 +74,8 @@ pub struct UpOptions {
     pub accel: String,
     /// The configurator image.
     pub configurator: String,
+    /// Bring the topology up without running the stage's configuration.
+    pub no_config: bool,
 }
 
 /// Everything that can go wrong operating a lesson.
@@ -193,6 +195,30 @@ impl LabError {
     }
 }
 
+/// How long the wiring of one `up` took, recorded as it goes.
+#[derive(Default)]
+struct Wiring {
+    pairs: std::sync::Mutex<Duration>,
+    slowest_moves: std::sync::Mutex<Duration>,
+}
+
+impl Wiring {
+    fn record_pairs(&self, took: Duration) {
+        *self.pairs.lock().unwrap_or_else(|e| e.into_inner()) = took;
+    }
+
+    fn record_moves(&self, took: Duration) {
+        let mut slowest = self.slowest_moves.lock().unwrap_or_else(|e| e.into_inner());
+        *slowest = (*slowest).max(took);
+    }
+
+    fn seconds(&self) -> f64 {
+        let pairs = *self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        let moves = *self.slowest_moves.lock().unwrap_or_else(|e| e.into_inner());
+        (pairs + moves).as_secs_f64()
+    }
+}
+
 /// One presentation as `up` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Published {
@@ -217,6 +243,9 @@ pub struct UpSummary {
     pub published: Vec<Published>,
     /// How long it took.
     pub seconds: f64,
+    /// How long the wiring took: making every veth pair, then the slowest endpoint's moves
+    /// (endpoints take their ends in side by side).
+    pub wiring_seconds: f64,
 }
 
 /// One endpoint as `status` shows it.
@@ -338,7 +367,8 @@ impl<R: Runtime> Lab<R> {
                 }
             })
         });
-        let brought = self.bring_up(&mut state, options, deadline, lesson.ready_delay, &progress).await;
+        let wiring = Wiring::default();
+        let brought = self.bring_up(&mut state, options, deadline, lesson.ready_delay, &progress, &wiring).await;
         if let Some(ticker) = ticker {
             ticker.abort();
             progress.draw();
@@ -349,6 +379,7 @@ impl<R: Runtime> Lab<R> {
                 stage: options.stage,
                 published,
                 seconds: started.elapsed().as_secs_f64(),
+                wiring_seconds: wiring.seconds(),
             }),
             Err(err) => {
                 if options.keep {
@@ -379,6 +410,7 @@ impl<R: Runtime> Lab<R> {
         deadline: tokio::time::Instant,
         ready_delay: Option<u32>,
         progress: &Progress,
+        wiring: &Wiring,
     ) -> Result<Vec<Published>, LabError> {
         let shared: &LessonState = state;
         let plan = &shared.plan;
@@ -387,20 +419,33 @@ impl<R: Runtime> Lab<R> {
             .create_network(&NetworkSpec { name: plan.network.clone(), subnet, labels: plan.labels(&[]) })
             .await?;
         let host = wire::host_netlink()?;
+        let pairs_started = Instant::now();
         let pairs = plan.links.iter().map(|link| wire::create_pair(&host, &plan.lesson, link));
         futures::future::try_join_all(pairs).await?;
+        wiring.record_pairs(pairs_started.elapsed());
         let specs: Vec<ContainerSpec> = plan.endpoints.iter().map(|e| self.container_spec(shared, e)).collect();
         futures::future::try_join_all(specs.iter().map(|spec| self.runtime.create(spec))).await?;
         for endpoint in &plan.endpoints {
             progress.set(&endpoint.name, Phase::Created, "");
         }
         let booting = Arc::new(Semaphore::new(options.max_booting.max(1)));
-        let stage = Some(options.stage);
+        let stage = Some(options.stage).filter(|_| !options.no_config);
         let tasks = plan.endpoints.iter().map(|endpoint| {
             let booting = Arc::clone(&booting);
             let host = &host;
             async move {
-                self.start_endpoint(shared, endpoint, host, booting, stage, deadline, options.timeout, progress).await
+                self.start_endpoint(
+                    shared,
+                    endpoint,
+                    host,
+                    booting,
+                    stage,
+                    deadline,
+                    options.timeout,
+                    progress,
+                    Some(wiring),
+                )
+                .await
             }
         });
         let published: Vec<Vec<Published>> = futures::future::try_join_all(tasks).await?;
@@ -468,6 +513,7 @@ impl<R: Runtime> Lab<R> {
         deadline: tokio::time::Instant,
         timeout: Duration,
         progress: &Progress,
+        wiring: Option<&Wiring>,
     ) -> Result<Vec<Published>, LabError> {
         let plan = &state.plan;
         let name = endpoint.name.as_str();
@@ -498,6 +544,7 @@ impl<R: Runtime> Lab<R> {
         let Some(pid) = info.pid else {
             return Err(failed(phase, "the container exited at once".into()).await);
         };
+        let moves_started = Instant::now();
         for link in plan.links.iter().filter(|l| l.touches(name)) {
             for side in Side::BOTH {
                 let end = match side {
@@ -508,6 +555,9 @@ impl<R: Runtime> Lab<R> {
                     wire::move_end(host, &plan.lesson, link, side, pid).await?;
                 }
             }
+        }
+        if let Some(wiring) = wiring {
+            wiring.record_moves(moves_started.elapsed());
         }
         phase = Phase::Wired;
         progress.set(name, phase, format!("{} link(s)", endpoint.links.len()));
@@ -841,7 +891,7 @@ impl<R: Runtime> Lab<R> {
         self.runtime.create(&self.container_spec(&state, &found)).await?;
         progress.set(endpoint, Phase::Created, "");
         let booting = Arc::new(Semaphore::new(1));
-        self.start_endpoint(&state, &found, &host, booting, state.stage, deadline, timeout, &progress).await?;
+        self.start_endpoint(&state, &found, &host, booting, state.stage, deadline, timeout, &progress, None).await?;
         // A plain container's routes over a recreated link went with it (a VM guest keeps its
         // configuration, and its NIC comes back in the same slot): configure such peers again.
         if let Some(stage) = state.stage {
@@ -849,7 +899,14 @@ impl<R: Runtime> Lab<R> {
                 for end in link.ends().into_iter().filter(|e| e.endpoint != endpoint) {
                     let peer = self.find_endpoint(plan, &end.endpoint)?;
                     if peer.kind == Kind::Container && peer.configuration.is_some() {
-                        let configured = configure::configure(&self.runtime, plan, &state.lesson_dir, &state.configurator, peer, stage);
+                        let configured = configure::configure(
+                            &self.runtime,
+                            plan,
+                            &state.lesson_dir,
+                            &state.configurator,
+                            peer,
+                            stage,
+                        );
                         tokio::time::timeout_at(deadline, configured).await.map_err(|_| LabError::Timeout {
                             endpoint: peer.name.clone(),
                             phase: "configuring",

@@ -1,10 +1,12 @@
 //! Knowing when an endpoint is usable, and seeing it at once. A VM endpoint says so itself:
 //! its run directory is shared with the host, and `vialctl` follows the health socket's
 //! `/watch` stream, so `ready` (which includes vial's data-link self-check) is seen the moment
-//! vial sets it, with no polling interval. Every presentation is then probed the way
-//! antidote-core probed it, on its published port: SSH up to the server's key exchange
-//! offer (an sshd that reached that point is serving, and authentication comes next), HTTP
-//! and anything else by a TCP connect.
+//! vial sets it, with no polling interval. Every presentation is then probed on its
+//! published port, as a learner reaches it: SSH up to the server's key exchange offer (an
+//! sshd that reached that point is serving, and authentication comes next), HTTP up to a
+//! status line. A TCP connect alone (antidote-core's probe for http) proves nothing here:
+//! Docker's port proxy, and vial's forwards to QEMU, accept before anything listens behind
+//! them.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -149,12 +151,27 @@ pub async fn tcp_answers(address: SocketAddr) -> bool {
     matches!(tokio::time::timeout(ATTEMPT, tokio::net::TcpStream::connect(address)).await, Ok(Ok(_)))
 }
 
-/// Waits until the presentation of `kind` (`ssh`, else a TCP connect) answers at `address`.
+/// Whether an HTTP server answers `GET /` at `address` with a status line (any status: a 404
+/// is a server that serves).
+pub async fn http_answers(address: SocketAddr) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: vialctl\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(&head == b"HTTP/")
+    };
+    matches!(tokio::time::timeout(ATTEMPT, attempt).await, Ok(Some(true)))
+}
+
+/// Waits until the presentation of `kind` (`ssh`, `http`, else a TCP connect) answers at
+/// `address`.
 /// Unbounded: the caller puts a timeout around it.
 pub async fn presentation(kind: &str, address: SocketAddr) {
     loop {
         let answers = match kind {
             "ssh" => ssh_answers(address).await,
+            "http" => http_answers(address).await,
             _ => tcp_answers(address).await,
         };
         if answers {
@@ -195,6 +212,22 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         assert!(!ssh_answers(closed).await);
         assert!(!tcp_answers(closed).await);
+        assert!(!http_answers(closed).await);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn http_needs_a_status_line_not_only_an_accept() {
+        assert!(http_answers(server(b"HTTP/1.0 404 Not Found\r\n\r\n", b"").await).await);
+        // A proxy that accepts and closes, as Docker's does with nothing behind it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        assert!(tcp_answers(address).await);
+        assert!(!http_answers(address).await);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -64,8 +64,10 @@ fn lesson_demo(exit_when_ready: bool) -> Result<()> {
     };
     // A demo interrupted earlier may have left its lesson up.
     let _ = ctl(&["down", SLUG]);
-    println!("
-bringing up {LESSON} (accel {accel}; VIAL_ACCEL=auto on a host where KVM works)");
+    println!(
+        "
+bringing up {LESSON} (accel {accel}; VIAL_ACCEL=auto on a host where KVM works)"
+    );
     let mut up = std::process::Command::new(&vialctl);
     up.arg("--state-dir").arg(&state).args(["up", LESSON, "--mgmt-pool", "198.18.0.0/24"]);
     up.env("VIALCTL_ACCEL", &accel).current_dir(crate::project_root()).process_group(0);
@@ -83,21 +85,35 @@ bringing up {LESSON} (accel {accel}; VIAL_ACCEL=auto on a host where KVM works)"
     let started = Instant::now();
     loop {
         let neighbors = std::process::Command::new("sshpass")
-            .args(["-p", "antidotepassword", "ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args([
+                "-p",
+                "antidotepassword",
+                "ssh",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
             .args(["-o", "LogLevel=ERROR", "-p", &port.to_string(), "antidote@127.0.0.1"])
             .arg("sudo vtysh -c 'show ip ospf neighbor'")
             .output()?;
         let text = String::from_utf8_lossy(&neighbors.stdout).into_owned();
         if text.contains("Full") || started.elapsed() > Duration::from_secs(120) || interrupted.load(Ordering::SeqCst) {
-            println!("
+            println!(
+                "
 r1's OSPF neighbors:
-{text}");
+{text}"
+            );
             break;
         }
         std::thread::sleep(Duration::from_secs(1));
     }
     println!("log in:  ssh -p {port} antidote@127.0.0.1   (password antidotepassword)");
-    println!("operate: {} --state-dir {} status|graph|link set r1:eth1 down|restart r2", vialctl.display(), state.display());
+    println!(
+        "operate: {} --state-dir {} status|graph|link set r1:eth1 down|restart r2",
+        vialctl.display(),
+        state.display()
+    );
     if !exit_when_ready {
         println!("Ctrl-C takes the lesson down.");
         while !interrupted.load(Ordering::SeqCst) {

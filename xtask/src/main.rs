@@ -32,11 +32,13 @@ Commands:
   guest   build the `linux` test guest (vmlinuz + initrd.img) into target/guest/linux
           from the host's Debian packages; cached, a no-op when nothing changed
   bench   what vial costs, as ratios against baselines measured in the same run; every
-          section in turn, or one: `cargo xtask bench [vm|net|images]`
+          section in turn, or one: `cargo xtask bench [vm|net|images|lesson]`
             vm      supervisor overhead and time to ready, against QEMU launched directly
             net     the data plane of each plumbing mode, against a plain veth pair (root)
             images  image build time, cold against cached, and container start to ready,
                     cold boot against the RAM snapshot (linux, frr; slow: builds from scratch)
+            lesson  vialctl up of the example lesson against its slowest endpoint alone, and
+                    the wiring of 20 containers with 40 links
   demo    set up, build the images and bring up the example lesson (two frr routers and a
           utility container, OSPF) with vialctl; Ctrl-C takes it down
           (`demo endpoint`: one endpoint alone in a sandbox; --exit-when-ready: stop once ready)
@@ -83,8 +85,10 @@ fn try_main() -> Result<()> {
             bench::vm::run()?;
             bench::net::run()?;
             bench::images::run(&[])?;
+            bench::lesson::run()?;
         }
         ["bench", "vm"] => bench::vm::run()?,
+        ["bench", "lesson"] => bench::lesson::run()?,
         // The packages it drives (iperf3, ethtool); `bench vm` installs them when run first.
         ["bench", "net"] => {
             setup::run()?;

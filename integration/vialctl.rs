@@ -201,56 +201,53 @@ fn plain_containers_are_wired_in_connection_order_with_the_subnets_addresses() {
     lab.lessons.clear();
 }
 
+/// `vialctl up` of the three-container lesson as `slug`, edited by `edit`, with `args`;
+/// the lab (to check what is left) and the failed run's exit code and error output.
+fn failing_up(slug: &str, edit: impl Fn(String) -> String, args: &[&str]) -> (Lab, Option<i32>, String) {
+    let mut lab = Lab::new(slug);
+    let meta = edit(THREE_CONTAINERS.replace("slug: vialctl-three", &format!("slug: {slug}")));
+    let lesson = lesson_dir(&lab, slug, &meta, &[]);
+    let up = lab.up(&lesson, slug, args);
+    assert!(!up.status.success(), "vialctl up {slug} should fail");
+    lab.lessons.clear();
+    (lab, up.status.code(), text(&up.stderr))
+}
+
 #[test]
 fn a_missing_image_fails_naming_the_endpoint_and_leaves_nothing() {
-    let mut lab = Lab::new("vialctl-noimage");
-    let meta = THREE_CONTAINERS.replace("slug: vialctl-three", "slug: vialctl-noimage");
-    let lesson = lesson_dir(&lab, "noimage", &meta, &[]);
-    let up = lab.up(&lesson, "vialctl-noimage", &["--image", "utility=vial/no-such-image:latest"]);
-    assert_eq!(up.status.code(), Some(69));
-    let err = text(&up.stderr);
+    let (lab, code, err) = failing_up("vialctl-noimage", |m| m, &["--image", "utility=vial/no-such-image:latest"]);
+    assert_eq!(code, Some(69));
     assert!(
         err.contains("endpoint c1") && err.contains("vial/no-such-image:latest") && err.contains("--image utility="),
         "{err}"
     );
     nothing_left(&lab, "vialctl-noimage");
-    lab.lessons.clear();
 }
 
 #[test]
 fn a_taken_port_fails_naming_the_endpoint_and_leaves_nothing() {
     build_image("utility");
-    let mut lab = Lab::new("vialctl-port");
-    let meta = THREE_CONTAINERS.replace("slug: vialctl-three", "slug: vialctl-port");
-    let lesson = lesson_dir(&lab, "port", &meta, &[]);
     // c1 and c2 publish 22 on base and base+1, c3 on base+2: take c2's.
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = holder.local_addr().unwrap().port();
     let base = (taken - 1).to_string();
-    let up = lab.up(&lesson, "vialctl-port", &["--port-base", &base, "--mgmt-pool", "198.18.161.0/24"]);
-    assert!(!up.status.success());
-    let err = text(&up.stderr);
-    assert!(err.contains("vial-vialctl-port-c2") || err.contains("endpoint c2"), "the error names c2: {err}");
-    assert!(err.contains(&taken.to_string()) || err.contains("address already in use"), "{err}");
+    let (lab, _, err) = failing_up("vialctl-port", |m| m, &["--port-base", &base, "--mgmt-pool", "198.18.161.0/24"]);
+    assert!(err.contains("endpoint c2"), "the error names c2: {err}");
+    assert!(err.contains(&taken.to_string()), "{err}");
     nothing_left(&lab, "vialctl-port");
-    lab.lessons.clear();
 }
 
 #[test]
 fn an_endpoint_that_never_gets_ready_times_out_naming_it_and_leaves_nothing() {
     build_image("utility");
-    let mut lab = Lab::new("vialctl-never");
     // Nothing in the utility image listens on 8080, so its web presentation never answers.
-    let meta = THREE_CONTAINERS
-        .replace("slug: vialctl-three", "slug: vialctl-never")
-        .replace("  additionalPorts: [22]", "  presentations:\n  - name: web\n    port: 8080\n    type: http");
-    let lesson = lesson_dir(&lab, "never", &meta, &[]);
-    let up = lab.up(&lesson, "vialctl-never", &["--timeout", "15s", "--mgmt-pool", "198.18.162.0/24"]);
-    assert_eq!(up.status.code(), Some(75));
-    let err = text(&up.stderr);
+    let never = |meta: String| {
+        meta.replace("  additionalPorts: [22]", "  presentations:\n  - name: web\n    port: 8080\n    type: http")
+    };
+    let (lab, code, err) = failing_up("vialctl-never", never, &["--timeout", "15s", "--mgmt-pool", "198.18.162.0/24"]);
+    assert_eq!(code, Some(75));
     assert!(err.contains("endpoint c3 was not usable within 15s (it was probing)"), "{err}");
     nothing_left(&lab, "vialctl-never");
-    lab.lessons.clear();
 }
 
 /// OSPF neighbor states `r` sees, through its published SSH port.

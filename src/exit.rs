@@ -65,6 +65,19 @@ pub enum SetupError {
     Save(#[from] SaveError),
 }
 
+/// Parses the command line of a binary: `--help` and `--version` exit 0 after printing, a bad
+/// command line prints clap's message and exits 64 (EX_USAGE), as both binaries document.
+pub fn parse_command_line<P: clap::Parser>() -> P {
+    match P::try_parse() {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            let usage = err.use_stderr();
+            let _ = err.print();
+            std::process::exit(if usage { Outcome::Usage.code() } else { 0 });
+        }
+    }
+}
+
 impl SetupError {
     /// The exit outcome of this failure.
     pub fn outcome(&self) -> Outcome {

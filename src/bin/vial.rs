@@ -56,14 +56,7 @@ struct HealthArgs {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            let usage = err.use_stderr();
-            let _ = err.print();
-            std::process::exit(if usage { Outcome::Usage.code() } else { 0 });
-        }
-    };
+    let cli: Cli = vial::exit::parse_command_line();
     match cli.command {
         Some(Command::Health(args)) => {
             let check = if args.live {

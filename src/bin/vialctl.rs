@@ -217,14 +217,7 @@ struct ConvertArgs {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            let usage = err.use_stderr();
-            let _ = err.print();
-            std::process::exit(if usage { Exit::Usage as i32 } else { 0 });
-        }
-    };
+    let cli: Cli = vial::exit::parse_command_line();
     let exit = match cli.command {
         Command::Lesson(LessonCommand::Validate(args)) => validate(&args) as i32,
         Command::Lesson(LessonCommand::Convert(args)) => convert(&args) as i32,

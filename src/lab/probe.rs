@@ -67,21 +67,32 @@ pub async fn vial_ready(socket: &Path, mut phase: impl FnMut(&str)) -> Result<se
     let mut last = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
         let Ok(status) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        let state = status["state"].as_str().unwrap_or("").to_string();
-        if state != last {
-            phase(&state);
-            last.clone_from(&state);
-        }
-        match state.as_str() {
-            "ready" => return Ok(status),
-            "failed" | "stopped" => {
-                let reason = status["reason"].as_str().unwrap_or("no reason given").to_string();
-                return Err(VialError::Ended { state, reason });
-            }
-            _ => {}
+        if let Some(settled) = settle(status, &mut last, &mut phase) {
+            return settled;
         }
     }
     Err(VialError::Gone)
+}
+
+/// Reports a new state to `phase`; `Some` once the status is final (`ready`, or an end).
+fn settle(
+    status: serde_json::Value,
+    last: &mut String,
+    phase: &mut impl FnMut(&str),
+) -> Option<Result<serde_json::Value, VialError>> {
+    let state = status["state"].as_str().unwrap_or("").to_string();
+    if state != *last {
+        phase(&state);
+        last.clone_from(&state);
+    }
+    match state.as_str() {
+        "ready" => Some(Ok(status)),
+        "failed" | "stopped" => {
+            let reason = status["reason"].as_str().unwrap_or("no reason given").to_string();
+            Some(Err(VialError::Ended { state, reason }))
+        }
+        _ => None,
+    }
 }
 
 /// [`vial_ready`] for a vial without `/watch`: `/status` every 100 ms.
@@ -92,19 +103,10 @@ async fn poll_status(socket: &Path, mut phase: impl FnMut(&str)) -> Result<serde
         let answer = tokio::task::spawn_blocking(move || crate::health::query(&path, "/status", ATTEMPT)).await;
         let Ok(Ok((_, body))) = answer else { return Err(VialError::Gone) };
         let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let state = status["state"].as_str().unwrap_or("").to_string();
-        if state != last {
-            phase(&state);
-            last.clone_from(&state);
+        if let Some(settled) = settle(status, &mut last, &mut phase) {
+            return settled;
         }
-        match state.as_str() {
-            "ready" => return Ok(status),
-            "failed" | "stopped" => {
-                let reason = status["reason"].as_str().unwrap_or("no reason given").to_string();
-                return Err(VialError::Ended { state, reason });
-            }
-            _ => tokio::time::sleep(RETRY).await,
-        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 

@@ -44,17 +44,15 @@ impl Qmp {
         Ok(if package.is_empty() { number } else { format!("{number} ({package})") })
     }
 
-    /// Saves the paused-or-running guest into `stream` (`migrate fd:`) and waits until the
-    /// migration completes, polling every `poll` for up to `timeout`. The guest stays stopped
-    /// afterwards.
+    /// Saves the guest into `stream` (`migrate fd:`) and waits until the migration
+    /// completes, polling every `poll` for up to `timeout`. The guest stays stopped afterwards.
     pub async fn migrate_to(
         &self,
         stream: BorrowedFd<'_>,
         poll: Duration,
         timeout: Duration,
     ) -> Result<MigrationDone, QmpError> {
-        self.getfd(STREAM_FD, stream).await?;
-        let uri = Some(format!("fd:{STREAM_FD}"));
+        let uri = Some(self.pass_stream(stream).await?);
         self.execute(qapi::qmp::migrate { uri, channels: None, detach: None, resume: None }).await?;
         self.wait_migration(poll, timeout).await
     }
@@ -68,10 +66,15 @@ impl Qmp {
         poll: Duration,
         timeout: Duration,
     ) -> Result<MigrationDone, QmpError> {
-        self.getfd(STREAM_FD, stream).await?;
-        let uri = Some(format!("fd:{STREAM_FD}"));
+        let uri = Some(self.pass_stream(stream).await?);
         self.execute(qapi::qmp::migrate_incoming { uri, channels: None, exit_on_error: None }).await?;
         self.wait_migration(poll, timeout).await
+    }
+
+    /// Passes the migration stream to QEMU; its `fd:` URI.
+    async fn pass_stream(&self, stream: BorrowedFd<'_>) -> Result<String, QmpError> {
+        self.getfd(STREAM_FD, stream).await?;
+        Ok(format!("fd:{STREAM_FD}"))
     }
 
     /// Resumes the vCPUs (`cont`).

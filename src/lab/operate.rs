@@ -181,6 +181,10 @@ impl<R: Runtime> Lab<R> {
                 let peer = self.find_endpoint(plan, &end.endpoint)?;
                 let pid = self.runtime.inspect(&peer.container).await?.and_then(|i| i.pid);
                 if let Some(pid) = pid {
+                    // The old veth goes with the removed container's namespace, shortly after.
+                    if !wire::wait_gone(pid, &end.iface, Duration::from_secs(10)).await? {
+                        tracing::warn!(endpoint = %end.endpoint, iface = %end.iface, "the old link is still there");
+                    }
                     wire::move_end(&host, &plan.lesson, link, side, pid).await?;
                 }
             }

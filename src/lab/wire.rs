@@ -190,6 +190,23 @@ pub async fn set_admin_state(pid: u32, endpoint: &str, iface: &str, up: bool) ->
     handle.link().set(message.build()).execute().await.map_err(step(if up { "bring up" } else { "take down" }))
 }
 
+/// Waits, up to `timeout`, until the container whose init is `pid` has no interface `iface`:
+/// a veth whose other end's namespace went (a removed container) is deleted by the kernel's
+/// namespace clean-up, a little after the container is gone. Returns whether it went.
+pub async fn wait_gone(pid: u32, iface: &str, timeout: std::time::Duration) -> Result<bool, WireError> {
+    let handle = netlink_in(pid).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if index_of(&handle, iface).await.is_err() {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Whether `iface` in the container whose init is `pid` is up and has carrier.
 pub async fn link_state(pid: u32, iface: &str) -> Result<(bool, bool), WireError> {
     use netlink_packet_route::link::LinkFlags;

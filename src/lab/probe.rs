@@ -2,9 +2,9 @@
 //! its run directory is shared with the host, and `vialctl` follows the health socket's
 //! `/watch` stream, so `ready` (which includes vial's data-link self-check) is seen the moment
 //! vial sets it, with no polling interval. Every presentation is then probed on its
-//! published port, as a learner reaches it: SSH up to the server's key exchange offer (an
-//! sshd that reached that point is serving, and authentication comes next), HTTP up to a
-//! status line. A TCP connect alone (antidote-core's probe for http) proves nothing here:
+//! published port, as a learner reaches it: SSH through a whole handshake up to the server's
+//! answer to an authentication attempt (OpenSSH's client, with the `none` method, which every
+//! server refuses after listing its methods), HTTP up to a status line. A TCP connect alone (antidote-core's probe for http) proves nothing here:
 //! Docker's port proxy, and vial's forwards to QEMU, accept before anything listens behind
 //! them.
 
@@ -166,13 +166,42 @@ pub async fn http_answers(address: SocketAddr) -> bool {
     matches!(tokio::time::timeout(ATTEMPT, attempt).await, Ok(Some(true)))
 }
 
+/// Whether an SSH server at `address` gets through key exchange to authentication: OpenSSH's
+/// client tries the `none` method, which the server refuses with its list of methods
+/// ("Permission denied (publickey,password)"). Checked only once the server's key exchange
+/// offer came ([`ssh_answers`]), so the client runs once per ready server, not per retry.
+/// Without an `ssh` client on the host, the key exchange offer is all that is checked.
+pub async fn ssh_authenticates(address: SocketAddr) -> bool {
+    if !ssh_answers(address).await {
+        return false;
+    }
+    // ConnectTimeout and the server's own login grace bound the client; it runs off the
+    // runtime's thread.
+    let attempt = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("ssh")
+            .args(["-o", "BatchMode=yes", "-o", "PreferredAuthentications=none", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=3"])
+            .args(["-o", "ServerAliveInterval=3", "-o", "ServerAliveCountMax=1"])
+            .args(["-p", &address.port().to_string(), &format!("vialctl-probe@{}", address.ip()), "true"])
+            .stdin(std::process::Stdio::null())
+            .output()
+    });
+    match attempt.await {
+        Ok(Ok(output)) => {
+            output.status.success() || String::from_utf8_lossy(&output.stderr).contains("Permission denied")
+        }
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => true,
+        _ => false,
+    }
+}
+
 /// Waits until the presentation of `kind` (`ssh`, `http`, else a TCP connect) answers at
 /// `address`.
 /// Unbounded: the caller puts a timeout around it.
 pub async fn presentation(kind: &str, address: SocketAddr) {
     loop {
         let answers = match kind {
-            "ssh" => ssh_answers(address).await,
+            "ssh" => ssh_authenticates(address).await,
             "http" => http_answers(address).await,
             _ => tcp_answers(address).await,
         };

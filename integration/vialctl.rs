@@ -215,6 +215,9 @@ fn failing_up(slug: &str, edit: impl Fn(String) -> String, args: &[&str]) -> (La
 
 #[test]
 fn a_missing_image_fails_naming_the_endpoint_and_leaves_nothing() {
+    // Builds nothing the test uses, but starts the engine when none answers: the failure
+    // below must be the missing image, not a missing engine.
+    build_image("utility");
     let (lab, code, err) = failing_up("vialctl-noimage", |m| m, &["--image", "utility=vial/no-such-image:latest"]);
     assert_eq!(code, Some(69));
     assert!(

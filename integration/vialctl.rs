@@ -181,7 +181,7 @@ fn plain_containers_are_wired_in_connection_order_with_the_subnets_addresses() {
     assert!(
         endpoints
             .iter()
-            .all(|e| e["health"] == "running" && e["links"].as_array().unwrap().iter().all(|l| l["state"] == "up")),
+            .all(|e| e["health"] == "ready" && e["links"].as_array().unwrap().iter().all(|l| l["state"] == "up")),
         "{status}"
     );
     assert!(lab.vialctl(&["link", "set", "c1:eth1", "down", "--lesson", "vialctl-three"]).status.success());
@@ -278,10 +278,7 @@ fn the_example_lesson_reaches_ospf_full_loses_a_pulled_link_and_survives_a_resta
     assert!(up.status.success());
     let status = text(&lab.vialctl(&["status", "ospf-basics"]).stdout);
     for endpoint in ["r1", "r2", "linux1"] {
-        assert!(
-            status.lines().any(|l| l.starts_with(endpoint) && (l.contains(" ready ") || l.contains(" running "))),
-            "{status}"
-        );
+        assert!(status.lines().any(|l| l.starts_with(endpoint) && l.contains(" ready ")), "{status}");
     }
     let (r1, r2) = (ssh_port(&lab, "ospf-basics", "r1"), ssh_port(&lab, "ospf-basics", "r2"));
     let full = |port: u16| ospf_neighbors(port).contains("Full");

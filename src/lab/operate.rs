@@ -75,7 +75,20 @@ impl<R: Runtime> Lab<R> {
                         _ => "no answer".into(),
                     }
                 }
-                (_, Some(info)) if info.running => "running".into(),
+                // A plain container is ready when every presentation answers, as at `up`.
+                (_, Some(info)) if info.running => {
+                    let mut ready = true;
+                    for presentation in &endpoint.presentations {
+                        let Some(port) = info.ports.get(&presentation.port) else { continue };
+                        let address = std::net::SocketAddr::from((state.publish_address, *port));
+                        ready &= match presentation.kind.as_str() {
+                            "ssh" => super::probe::ssh_answers(address).await,
+                            "http" => super::probe::http_answers(address).await,
+                            _ => super::probe::tcp_answers(address).await,
+                        };
+                    }
+                    if ready { "ready" } else { "running" }.into()
+                }
                 _ => container.to_string(),
             };
             let mut links = Vec::new();

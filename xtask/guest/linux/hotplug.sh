@@ -19,6 +19,12 @@ if [ "$SUBSYSTEM" = virtio ] && [ "$ACTION" = bind ] && [ "$DRIVER" = 9pnet_virt
     done
     httpd -f -p 80 -h /antidote < /dev/null > /dev/null 2>&1 &
     echo $! > /run/vial-httpd.pid
+    # "ready" means served: wait until the new httpd listens (the readiness probe may have
+    # been answered by the old one, and a request between the two would be refused).
+    i=0
+    while [ "$i" -lt 40 ] && ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':0050 [0-9A-F]*:0000 0A'; do
+        sleep 0.05; i=$((i + 1))
+    done
     if [ -f /antidote/guest-init.sh ]; then
         sh /antidote/guest-init.sh > /dev/console 2>&1
     fi

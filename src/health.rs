@@ -531,6 +531,8 @@ pub fn query(socket: &Path, path: &str, timeout: Duration) -> Result<(u16, Strin
     if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(HealthError::InvalidPath(path.to_string()));
     }
+    // `vial health --timeout-secs` takes any u64; `Instant + Duration` panics on overflow.
+    let timeout = timeout.min(crate::config::MAX_DURATION);
     let deadline = Instant::now() + timeout;
     let timed_out = || HealthError::Timeout { path: socket.to_path_buf(), timeout };
     let mut stream = connect(socket, timeout)?;

@@ -34,7 +34,31 @@ pub struct Launch {
     /// the snapshot lacks: the 9p device (its `-fsdev` stays) and the data NICs are
     /// hot-plugged once the snapshot is loaded.
     pub restore: bool,
+    /// Descriptors vial opened for QEMU's public sockets and console log (inherited); `None`
+    /// names the run directory's paths instead (`vial argv`, a snapshot's machine line).
+    pub held: Option<HeldFds>,
+    /// Run QEMU under its seccomp sandbox ([`SANDBOX`]), decided once at start.
+    pub sandbox: bool,
 }
+
+/// What vial opens for QEMU in the run directory before it starts, so that their modes are
+/// vial's choice, not QEMU's umask: the public QMP monitor and the serial console listen on
+/// sockets vial bound 0600, and the console log goes into a pipe vial reads (`vm::console`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldFds {
+    /// The listening `qmp.sock`.
+    pub qmp: RawFd,
+    /// The listening `console.sock`.
+    pub console: RawFd,
+    /// The write end of the console log's pipe.
+    pub console_log: RawFd,
+}
+
+/// QEMU's seccomp sandbox as vial asks for it (qemu(1) `-sandbox`): besides the default
+/// filter, no set*id (`elevateprivileges`), no fork or exec (`spawn`; vial's QEMU needs
+/// neither: TAPs come without scripts and migrations go to descriptors) and no scheduler or
+/// priority changes (`resourcecontrol`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// How a data NIC reaches its container link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +184,11 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-smp", &profile.vcpus.to_string()]);
     // No default devices or config files: every device is on this command line, on purpose.
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // Unless the extra arguments choose their own sandbox (QEMU takes the first it is given).
+    let own_sandbox = profile.extra_args.iter().chain(&launch.extra_args).any(|arg| arg == "-sandbox");
+    if launch.sandbox && !own_sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
 
     if let Some(boot) = &profile.boot {
         push(&["-kernel", &path_str(&boot.kernel)]);
@@ -227,21 +256,29 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-fw_cfg", &format!("name={NAME_FW_CFG},string={}", launch.name)]);
 
     // Serial console: a socket to attach to, and everything it prints in a log.
-    push(&[
-        "-chardev",
-        &format!(
+    let console = match launch.held {
+        Some(held) => format!(
+            "socket,id=console,fd={},server=on,wait=off,logfile=/proc/self/fd/{}",
+            held.console, held.console_log
+        ),
+        None => format!(
             "socket,id=console,path={},server=on,wait=off,logfile={}",
             run(rundir::CONSOLE),
             run(rundir::CONSOLE_LOG)
         ),
-    ]);
+    };
+    push(&["-chardev", &console]);
     push(&["-serial", "chardev:console"]);
     // vial's own monitor: a listener vial bound before the launch, so vial can connect at
     // once (the connection waits in the backlog) without polling for a socket file.
     push(&["-chardev", &format!("socket,id=control,fd={},server=on,wait=off", launch.control_fd)]);
     push(&["-mon", "chardev=control,mode=control"]);
     // A second monitor for people and tools, so they never take vial's.
-    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(rundir::QMP))]);
+    let qmp = match launch.held {
+        Some(held) => format!("fd={}", held.qmp),
+        None => format!("path={}", run(rundir::QMP)),
+    };
+    push(&["-chardev", &format!("socket,id=qmp,{qmp},server=on,wait=off")]);
     push(&["-mon", "chardev=qmp,mode=control"]);
 
     if launch.restore {

@@ -34,24 +34,11 @@ pub struct Launch {
     /// the snapshot lacks: the 9p device (its `-fsdev` stays) and the data NICs are
     /// hot-plugged once the snapshot is loaded.
     pub restore: bool,
-    /// Descriptors vial opened for QEMU's public sockets and console log (inherited); `None`
-    /// names the run directory's paths instead (`vial argv`, a snapshot's machine line).
-    pub held: Option<HeldFds>,
+    /// The write end of the console log's pipe (`vm::console`), inherited; `None` names
+    /// `console.log` for QEMU to write itself (`vial argv`, a snapshot's machine line).
+    pub console_log_fd: Option<RawFd>,
     /// Run QEMU under its seccomp sandbox ([`SANDBOX`]), decided once at start.
     pub sandbox: bool,
-}
-
-/// What vial opens for QEMU in the run directory before it starts, so that their modes are
-/// vial's choice, not QEMU's umask: the public QMP monitor and the serial console listen on
-/// sockets vial bound 0600, and the console log goes into a pipe vial reads (`vm::console`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeldFds {
-    /// The listening `qmp.sock`.
-    pub qmp: RawFd,
-    /// The listening `console.sock`.
-    pub console: RawFd,
-    /// The write end of the console log's pipe.
-    pub console_log: RawFd,
 }
 
 /// QEMU's seccomp sandbox as vial asks for it (qemu(1) `-sandbox`): besides the default
@@ -256,17 +243,11 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-fw_cfg", &format!("name={NAME_FW_CFG},string={}", launch.name)]);
 
     // Serial console: a socket to attach to, and everything it prints in a log.
-    let console = match launch.held {
-        Some(held) => format!(
-            "socket,id=console,fd={},server=on,wait=off,logfile=/proc/self/fd/{}",
-            held.console, held.console_log
-        ),
-        None => format!(
-            "socket,id=console,path={},server=on,wait=off,logfile={}",
-            run(rundir::CONSOLE),
-            run(rundir::CONSOLE_LOG)
-        ),
+    let console_log = match launch.console_log_fd {
+        Some(fd) => format!("/proc/self/fd/{fd}"),
+        None => run(rundir::CONSOLE_LOG),
     };
+    let console = format!("socket,id=console,path={},server=on,wait=off,logfile={console_log}", run(rundir::CONSOLE));
     push(&["-chardev", &console]);
     push(&["-serial", "chardev:console"]);
     // vial's own monitor: a listener vial bound before the launch, so vial can connect at
@@ -274,11 +255,7 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-chardev", &format!("socket,id=control,fd={},server=on,wait=off", launch.control_fd)]);
     push(&["-mon", "chardev=control,mode=control"]);
     // A second monitor for people and tools, so they never take vial's.
-    let qmp = match launch.held {
-        Some(held) => format!("fd={}", held.qmp),
-        None => format!("path={}", run(rundir::QMP)),
-    };
-    push(&["-chardev", &format!("socket,id=qmp,{qmp},server=on,wait=off")]);
+    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(rundir::QMP))]);
     push(&["-mon", "chardev=qmp,mode=control"]);
 
     if launch.restore {

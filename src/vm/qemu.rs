@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::argv::{qemu_argv, DataNic, HeldFds, Launch};
+use super::argv::{qemu_argv, DataNic, Launch};
 use super::Accel;
 use crate::config::Config;
 use crate::rundir;
@@ -26,15 +26,6 @@ pub enum LaunchError {
     /// vial's control monitor could not be bound or connected.
     #[error("cannot set up the control monitor {}", path.display())]
     Control {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A socket QEMU serves in the run directory could not be bound.
-    #[error("cannot bind {} for qemu", path.display())]
-    Socket {
         /// The socket.
         path: PathBuf,
         /// Why.
@@ -196,7 +187,7 @@ impl Start {
             data_nics: self.data_nics.clone(),
             extra_args: config.qemu_args.clone(),
             restore: self.restore,
-            held: None,
+            console_log_fd: None,
             sandbox: sandbox_supported(&config.profile.qemu),
         }
     }
@@ -222,13 +213,13 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
     let _ = std::fs::remove_file(&control_path);
     let control_listener = std::os::unix::net::UnixListener::bind(&control_path).map_err(control_error)?;
     created.push(control_path.clone());
-    // The public sockets: bound here 0600, not by QEMU under whatever umask it has. Whoever
-    // can connect to them owns the guest (the QMP monitor can dump its memory), so only root,
-    // or the owner vial runs as, may.
-    let qmp_listener = bind_private(&run_path(rundir::QMP))?;
-    created.push(run_path(rundir::QMP));
-    let console_listener = bind_private(&run_path(rundir::CONSOLE))?;
-    created.push(run_path(rundir::CONSOLE));
+    // Files QEMU creates; removed on exit in case QEMU is killed before it can. QEMU binds
+    // them under the umask `sys::spawn_supervised` gives it, so they are 0600 from the start.
+    for name in [rundir::QMP, rundir::CONSOLE] {
+        let path = run_path(name);
+        let _ = std::fs::remove_file(&path);
+        created.push(path);
+    }
     let console_log = run_path(rundir::CONSOLE_LOG);
     let log_error = |source| LaunchError::ConsoleLog { path: console_log.clone(), source };
     let (log_read, log_write) = super::console::pipe().map_err(log_error)?;
@@ -241,20 +232,16 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
         })
         .map_err(control_error)?;
 
-    let held = HeldFds {
-        qmp: qmp_listener.as_raw_fd(),
-        console: console_listener.as_raw_fd(),
-        console_log: log_write.as_raw_fd(),
-    };
-    let launch = Launch { held: Some(held), ..start.launch(config, control_listener.as_raw_fd()) };
+    let launch =
+        Launch { console_log_fd: Some(log_write.as_raw_fd()), ..start.launch(config, control_listener.as_raw_fd()) };
     let argv = qemu_argv(&config.profile, &launch);
     let mut inherit = inherit.to_vec();
-    inherit.extend([control_listener.as_raw_fd(), held.qmp, held.console, held.console_log]);
+    inherit.extend([control_listener.as_raw_fd(), log_write.as_raw_fd()]);
     let child = spawn_qemu(&argv, &inherit)?;
-    // QEMU holds the listeners and the log's write end now; ours would only keep the sockets
+    // QEMU holds the listener and the log's write end now; ours would only keep the socket
     // alive after QEMU dies, and keep the log writer from seeing QEMU's end.
     drop(OwnedFd::from(control_listener));
-    drop((qmp_listener, console_listener, log_write));
+    drop(log_write);
     Ok(Started { pid: child.id(), control, created })
 }
 
@@ -267,32 +254,9 @@ pub fn kill_and_reap(pid: u32) {
     let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
 }
 
-/// Binds a listening Unix socket at `path` that only its owner may connect to (0600): the
-/// process umask is narrowed around bind(2), so the socket never exists with a wider mode.
-fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, LaunchError> {
-    use nix::sys::stat::{umask, Mode};
-    let _ = std::fs::remove_file(path);
-    let before = umask(Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    umask(before);
-    bound.map_err(|source| LaunchError::Socket { path: path.to_path_buf(), source })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn public_sockets_are_bound_owner_only_whatever_the_umask() {
-        let dir = testkit::TempDir::new(&std::env::temp_dir(), "private").unwrap();
-        let path = dir.path().join(rundir::QMP);
-        let before = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-        let bound = bind_private(&path);
-        nix::sys::stat::umask(before);
-        let _listener = bound.unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    }
 
     #[test]
     fn this_machines_qemu_runs_sandboxed() {

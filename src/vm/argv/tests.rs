@@ -20,7 +20,7 @@ fn launch(accel: Accel, disks: usize, data_nics: Vec<DataNic>) -> Launch {
         data_nics,
         extra_args: Vec::new(),
         restore: false,
-        held: None,
+        console_log_fd: None,
         sandbox: false,
     }
 }
@@ -158,14 +158,17 @@ fn the_9p_device_leaves_its_slot_to_qemu_when_the_devices_before_it_need_slot_7(
 }
 
 #[test]
-fn qemu_gets_its_sandbox_and_vials_descriptors_when_given() {
+fn qemu_gets_its_sandbox_and_the_console_logs_pipe_when_given() {
     let profile = profile("linux");
-    let held = HeldFds { qmp: 5, console: 6, console_log: 7 };
-    let argv = joined(&profile, &Launch { held: Some(held), sandbox: true, ..launch(Accel::Tcg, 0, Vec::new()) });
+    let argv =
+        joined(&profile, &Launch { console_log_fd: Some(7), sandbox: true, ..launch(Accel::Tcg, 0, Vec::new()) });
     assert!(argv.contains(&format!("-sandbox {SANDBOX} ")), "{argv}");
-    assert!(argv.contains("-chardev socket,id=console,fd=6,server=on,wait=off,logfile=/proc/self/fd/7 "), "{argv}");
-    assert!(argv.contains("-chardev socket,id=qmp,fd=5,server=on,wait=off "), "{argv}");
-    assert!(!argv.contains("qmp.sock") && !argv.contains("console."), "{argv}");
+    assert!(
+        argv.contains(
+            "-chardev socket,id=console,path=/run/vial/console.sock,server=on,wait=off,logfile=/proc/self/fd/7 "
+        ),
+        "{argv}"
+    );
     // Extra arguments that choose a sandbox of their own win.
     let mut own = launch(Accel::Tcg, 0, Vec::new());
     own.sandbox = true;

@@ -738,6 +738,9 @@ pub fn persist_last_status(dir: &Path, status: &Status, now: Instant) -> io::Res
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::status::LinkStatus;

@@ -307,3 +307,6 @@ pub(crate) fn parse_bool(text: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;

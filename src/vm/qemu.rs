@@ -222,8 +222,16 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
     }
     let console_log = run_path(rundir::CONSOLE_LOG);
     let log_error = |source| LaunchError::ConsoleLog { path: console_log.clone(), source };
-    let (log_read, log_write) = super::console::pipe().map_err(log_error)?;
-    super::console::spawn_writer(log_read, console_log.clone(), super::console::LOG_CAP).map_err(log_error)?;
+    // QEMU opens the pipe by its /proc path; without /proc mounted, QEMU writes the log
+    // itself, uncapped, rather than failing to start.
+    let log_write = if Path::new("/proc/self/fd").is_dir() {
+        let (log_read, log_write) = super::console::pipe().map_err(log_error)?;
+        super::console::spawn_writer(log_read, console_log.clone(), super::console::LOG_CAP).map_err(log_error)?;
+        Some(log_write)
+    } else {
+        tracing::warn!("no /proc: qemu writes the console log itself, without a cap");
+        None
+    };
     // The connection waits in the listener's backlog until QEMU accepts it.
     let control = std::os::unix::net::UnixStream::connect(&control_path)
         .and_then(|stream| {
@@ -232,11 +240,12 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
         })
         .map_err(control_error)?;
 
-    let launch =
-        Launch { console_log_fd: Some(log_write.as_raw_fd()), ..start.launch(config, control_listener.as_raw_fd()) };
+    let console_log_fd = log_write.as_ref().map(|fd| fd.as_raw_fd());
+    let launch = Launch { console_log_fd, ..start.launch(config, control_listener.as_raw_fd()) };
     let argv = qemu_argv(&config.profile, &launch);
     let mut inherit = inherit.to_vec();
-    inherit.extend([control_listener.as_raw_fd(), log_write.as_raw_fd()]);
+    inherit.push(control_listener.as_raw_fd());
+    inherit.extend(console_log_fd);
     let child = spawn_qemu(&argv, &inherit)?;
     // QEMU holds the listener and the log's write end now; ours would only keep the socket
     // alive after QEMU dies, and keep the log writer from seeing QEMU's end.

@@ -156,3 +156,26 @@ fn snapshot_settings_a_user_can_get_wrong() {
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("VIAL_NAME") && stderr.contains("\"r 1\""), "{stderr}");
 }
+
+/// Durations that would overflow a deadline (`Instant + Duration` panics) are configuration
+/// errors naming the setting, through the real binary, never a panic.
+#[test]
+fn overflowing_durations_are_config_errors_not_panics() {
+    let dir = temp_dir("overflow");
+    let profile = profile_with(&dir, |t| t);
+    for (env, value) in [
+        ("VIAL_STOP_TIMEOUT", "99999999999h"),
+        ("VIAL_LINK_TIMEOUT", "99999999999h"),
+        ("VIAL_LINK_TIMEOUT", "5124095576030431h"),
+        ("VIAL_STOP_TIMEOUT", "18446744073709551615s"),
+        ("VIAL_LINK_TIMEOUT", "18446744073709551616s"),
+    ] {
+        let (code, stderr) = vial(&[("VIAL_PROFILE", &profile), (env, value)], &[]);
+        assert_eq!(code, 78, "{env}={value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{env}={value}: {stderr}");
+        assert!(stderr.contains(env) && stderr.contains(value), "{env}={value}: {stderr}");
+    }
+    let (code, stderr) = vial(&[("VIAL_PROFILE", &profile)], &["--stop-timeout", "99999999999h"]);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("--stop-timeout"), "{stderr}");
+}

@@ -39,6 +39,18 @@ fn boots_serves_the_lesson_over_9p_and_stops_cleanly_on_sigterm() {
     assert_eq!(status["forwards"][0]["address"], sandbox.addr.to_string());
     assert_eq!(status["forwards"][0]["container_port"], 80);
 
+    // Least privilege: QEMU's public sockets are owner-only, health is open to all, and QEMU
+    // runs under its seccomp filter (Debian's QEMU 7.2 has one; mode 2 is "filter").
+    let mode = |name: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(sandbox.run_dir.join(name)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!((mode("qmp.sock"), mode("console.sock"), mode("health.sock")), (0o600, 0o600, 0o666));
+    let confined = processes_mentioning(&sandbox.run_dir.display().to_string())
+        .into_iter()
+        .any(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.contains("Seccomp:\t2")));
+    assert!(confined, "qemu runs without its seccomp filter\n{}", sandbox.log());
+
     // One GET proves 9p (the file), DHCP (the guest's address), the forward and readiness.
     let body =
         wait_until(Duration::from_secs(30), "the lesson file over HTTP", || http_get(sandbox.addr, 80, "/hello.txt"));

@@ -11,7 +11,7 @@
 use crate::logging::error_chain;
 use crate::status::{Phase, Status};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -354,7 +354,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, HealthError> {
         }
         _ => {}
     }
-    UnixListener::bind(path).map_err(|source| HealthError::Bind { path: path.to_path_buf(), source })
+    let listener = UnixListener::bind(path).map_err(|source| HealthError::Bind { path: path.to_path_buf(), source })?;
+    // Open to all, whatever the umask: health tells only what `docker inspect` would, and
+    // every client is bounded (unlike qmp.sock and console.sock, which are 0600).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|source| HealthError::Bind { path: path.to_path_buf(), source })?;
+    Ok(listener)
 }
 
 /// Serves the health protocol on `listener` with the default [`Limits`], forever.
@@ -531,6 +536,8 @@ pub fn query(socket: &Path, path: &str, timeout: Duration) -> Result<(u16, Strin
     if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(HealthError::InvalidPath(path.to_string()));
     }
+    // `vial health --timeout-secs` takes any u64; `Instant + Duration` panics on overflow.
+    let timeout = timeout.min(crate::config::MAX_DURATION);
     let deadline = Instant::now() + timeout;
     let timed_out = || HealthError::Timeout { path: socket.to_path_buf(), timeout };
     let mut stream = connect(socket, timeout)?;
@@ -729,6 +736,9 @@ pub fn persist_last_status(dir: &Path, status: &Status, now: Instant) -> io::Res
     }
     written
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -1315,6 +1325,8 @@ mod tests {
 
         let _listener = bind(&socket).expect("a stale socket must not stop a new supervisor");
         assert!(!last_status_path(&socket).exists(), "the previous run's last status is gone");
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666, "health.sock is open to all, whatever the umask");
 
         // Anything but a socket is not ours to remove.
         let file = dir.0.join("not-a-socket");

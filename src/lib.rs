@@ -27,6 +27,8 @@ pub mod lab;
 /// Lessons (antidote-core v0.6+): the `lesson.meta.yaml` and `image.meta.yaml` models, validation
 /// that reports every problem as `file:line:column`, and conversion of Syringe-era lessons.
 pub mod lesson;
+/// Resource limits vial sets for itself at start (open descriptors).
+pub mod limits;
 /// Logging set-up (tracing to stderr) and error chains.
 pub mod logging;
 /// The container's interfaces: the management address, data links (discovery, waiting, TAP and

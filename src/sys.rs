@@ -42,17 +42,22 @@ pub fn kvm_usable() -> Result<(), String> {
 ///   killed without a chance to clean up (prctl(2); it fires when the spawning *thread*
 ///   exits, which is why `vial` runs a current-thread runtime and spawns from it);
 /// - inheriting the descriptors in `inherit` (QMP listener, macvtap fds), whose close-on-exec
-///   flag is cleared in the child only.
+///   flag is cleared in the child only;
+/// - with umask 0177, so the sockets QEMU binds in the run directory (`qmp.sock`,
+///   `console.sock`) are 0600 from the moment they exist: whoever connects owns the guest
+///   (the QMP monitor can dump its memory). Nothing else QEMU creates depends on it: the 9p
+///   server sets each file's mode itself, and the console log is vial's pipe.
 pub fn spawn_supervised(command: &mut Command, inherit: &[RawFd]) -> io::Result<Child> {
     let inherit = inherit.to_vec();
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs between fork and exec in the child. It only calls
-    // async-signal-safe functions (setpgid, prctl, getppid, fcntl, kill via nix, which are
+    // async-signal-safe functions (setpgid, prctl, umask, getppid, fcntl, kill via nix, which are
     // thin syscall wrappers) and allocates nothing: `inherit` was copied before the fork.
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
             // If vial died between fork and prctl, the death signal was missed: leave now.
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::other("parent exited during spawn"));

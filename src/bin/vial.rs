@@ -108,6 +108,11 @@ fn run(args: RunArgs) -> i32 {
         Err(code) => return code,
     };
     tracing::info!(profile = %config.profile_path.display(), name = %config.name, pid = std::process::id(), "vial starting");
+    match vial::limits::raise_fd_limit() {
+        Ok((before, after)) if before != after => tracing::info!(before, after, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    }
     vial::supervisor::run(config).code()
 }
 

@@ -275,19 +275,26 @@ pub fn parse_memory_mib(text: &str) -> Option<u64> {
     number.checked_mul(factor)
 }
 
-/// Parses a duration such as `250ms`, `8s`, `2m`, `1h`.
+/// The longest duration [`parse_duration`] accepts: a year. Every duration vial reads ends up
+/// added to an `Instant` (a deadline), and `Instant + Duration` panics on overflow; a year is
+/// far beyond any sensible timeout and far from the clock's limit, so a huge value such as
+/// `99999999999h` is a configuration error, never a panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses a duration such as `250ms`, `8s`, `2m`, `1h`, up to [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     let number: u64 = number.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(number)),
-        "s" => Some(Duration::from_secs(number)),
-        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(number.checked_mul(3600)?)),
-        _ => None,
-    }
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.checked_mul(60)?),
+        "h" => Duration::from_secs(number.checked_mul(3600)?),
+        _ => return None,
+    };
+    (duration <= MAX_DURATION).then_some(duration)
 }
 
 pub(crate) fn parse_bool(text: &str) -> Option<bool> {
@@ -300,3 +307,6 @@ pub(crate) fn parse_bool(text: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;

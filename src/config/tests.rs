@@ -150,6 +150,25 @@ fn sizes_and_durations() {
     assert_eq!(parse_duration("8s"), Some(Duration::from_secs(8)));
     assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
     assert_eq!(parse_duration("8"), None);
+    // Past a year, or past u64: a configuration error, never an overflow further on.
+    assert_eq!(parse_duration("365d"), None);
+    assert_eq!(parse_duration("8760h"), Some(MAX_DURATION));
+    assert_eq!(parse_duration("8761h"), None);
+    assert_eq!(parse_duration("99999999999h"), None);
+    assert_eq!(parse_duration("18446744073709551615s"), None);
+    assert_eq!(parse_duration("18446744073709551616s"), None);
+    assert_eq!(parse_duration("5124095576030432h"), None);
+}
+
+#[test]
+fn durations_that_would_overflow_a_deadline_are_problems_named_by_their_setting() {
+    for env in ["VIAL_STOP_TIMEOUT", "VIAL_LINK_TIMEOUT"] {
+        for value in ["99999999999h", "18446744073709551615s", "5124095576030431h", "25h"] {
+            let err = repo_profile("linux").0.validate_with(&self::env(&[(env, value)])).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert!(err.0[0].field.starts_with(env) && err.0[0].value == value, "{err}");
+        }
+    }
 }
 
 impl ProfileFile {

@@ -12,6 +12,8 @@ use super::{parse_duration, parse_memory_mib, Problem};
 const NIC_MODELS: &[&str] = &["virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3"];
 const DISK_INTERFACES: &[&str] = &["ide", "virtio", "scsi"];
 const DISK_FORMATS: &[&str] = &["qcow2", "raw", "vmdk", "vdi", "vpc"];
+/// The longest wait a profile may ask for (for the data links, a first-boot step): a day.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 impl ProfileFile {
     /// Reads and parses a profile file. A syntax error or an unknown field is one problem
@@ -215,10 +217,11 @@ impl ProfileFile {
                 bad("readiness.interval", &readiness.interval, "give a duration from 10ms to 60s, e.g. 250ms");
                 Duration::ZERO
             });
-        let link_timeout = parse_duration(&network.link_timeout).filter(|d| !d.is_zero()).unwrap_or_else(|| {
-            bad("network.link_timeout", &network.link_timeout, "give a duration such as 120s or 10m");
-            Duration::ZERO
-        });
+        let link_timeout =
+            parse_duration(&network.link_timeout).filter(|d| !d.is_zero() && *d <= MAX_WAIT).unwrap_or_else(|| {
+                bad("network.link_timeout", &network.link_timeout, "give a duration up to 24h, e.g. 120s or 10m");
+                Duration::ZERO
+            });
         let stop_timeout =
             parse_duration(&self.stop.timeout).filter(|d| *d <= Duration::from_secs(3600)).unwrap_or_else(|| {
                 bad(
@@ -240,10 +243,15 @@ impl ProfileFile {
                 if step.expect.is_empty() && step.send.is_none() {
                     bad(&format!("first_boot[{i}]"), &step.name, "give expect, send or both");
                 }
-                let timeout = parse_duration(&step.timeout).filter(|d| !d.is_zero()).unwrap_or_else(|| {
-                    bad(&format!("first_boot[{i}].timeout"), &step.timeout, "give a duration such as 60s or 10m");
-                    Duration::ZERO
-                });
+                let timeout =
+                    parse_duration(&step.timeout).filter(|d| !d.is_zero() && *d <= MAX_WAIT).unwrap_or_else(|| {
+                        bad(
+                            &format!("first_boot[{i}].timeout"),
+                            &step.timeout,
+                            "give a duration up to 24h, e.g. 60s or 10m",
+                        );
+                        Duration::ZERO
+                    });
                 FirstBootStep { name: step.name.clone(), expect: step.expect.clone(), send: step.send.clone(), timeout }
             })
             .collect();

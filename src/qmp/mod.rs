@@ -290,4 +290,6 @@ impl Qmp {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

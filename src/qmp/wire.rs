@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Interest, WriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Interest, WriteHalf};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -237,9 +237,20 @@ where
 }
 
 /// Reads one line into `line` (cleared first); false at end of stream.
+/// The longest line taken from QEMU: far above its largest reply (`query-qmp-schema`, a few
+/// hundred KiB), and a bound on what a runaway or hostile peer can make vial buffer.
+pub(super) const MAX_LINE: u64 = 16 << 20;
+
 async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, line: &mut Vec<u8>) -> std::io::Result<bool> {
     line.clear();
-    Ok(reader.read_until(b'\n', line).await? > 0)
+    let read = (&mut *reader).take(MAX_LINE + 1).read_until(b'\n', line).await?;
+    if line.len() as u64 > MAX_LINE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a qmp line longer than {MAX_LINE} bytes"),
+        ));
+    }
+    Ok(read > 0)
 }
 
 /// Checks that the first line is `{"QMP": {"version": ..., "capabilities": [...]}}`

@@ -34,7 +34,18 @@ pub struct Launch {
     /// the snapshot lacks: the 9p device (its `-fsdev` stays) and the data NICs are
     /// hot-plugged once the snapshot is loaded.
     pub restore: bool,
+    /// The write end of the console log's pipe (`vm::console`), inherited; `None` names
+    /// `console.log` for QEMU to write itself (`vial argv`, a snapshot's machine line).
+    pub console_log_fd: Option<RawFd>,
+    /// Run QEMU under its seccomp sandbox ([`SANDBOX`]), decided once at start.
+    pub sandbox: bool,
 }
+
+/// QEMU's seccomp sandbox as vial asks for it (qemu(1) `-sandbox`): besides the default
+/// filter, no set*id (`elevateprivileges`), no fork or exec (`spawn`; vial's QEMU needs
+/// neither: TAPs come without scripts and migrations go to descriptors) and no scheduler or
+/// priority changes (`resourcecontrol`).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// How a data NIC reaches its container link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +171,11 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-smp", &profile.vcpus.to_string()]);
     // No default devices or config files: every device is on this command line, on purpose.
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // Unless the extra arguments choose their own sandbox (QEMU takes the first it is given).
+    let own_sandbox = profile.extra_args.iter().chain(&launch.extra_args).any(|arg| arg == "-sandbox");
+    if launch.sandbox && !own_sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
 
     if let Some(boot) = &profile.boot {
         push(&["-kernel", &path_str(&boot.kernel)]);
@@ -227,14 +243,12 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-fw_cfg", &format!("name={NAME_FW_CFG},string={}", launch.name)]);
 
     // Serial console: a socket to attach to, and everything it prints in a log.
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=console,path={},server=on,wait=off,logfile={}",
-            run(rundir::CONSOLE),
-            run(rundir::CONSOLE_LOG)
-        ),
-    ]);
+    let console_log = match launch.console_log_fd {
+        Some(fd) => format!("/proc/self/fd/{fd}"),
+        None => run(rundir::CONSOLE_LOG),
+    };
+    let console = format!("socket,id=console,path={},server=on,wait=off,logfile={console_log}", run(rundir::CONSOLE));
+    push(&["-chardev", &console]);
     push(&["-serial", "chardev:console"]);
     // vial's own monitor: a listener vial bound before the launch, so vial can connect at
     // once (the connection waits in the backlog) without polling for a socket file.

@@ -5,6 +5,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod console;
 pub mod disk;
 pub mod qemu;
 pub mod readiness;

@@ -6,6 +6,8 @@ use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use super::argv::{qemu_argv, DataNic, Launch};
 use super::Accel;
@@ -25,6 +27,15 @@ pub enum LaunchError {
     #[error("cannot set up the control monitor {}", path.display())]
     Control {
         /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The console log's pipe or its writer could not be set up.
+    #[error("cannot set up the console log {}", path.display())]
+    ConsoleLog {
+        /// The log.
         path: PathBuf,
         /// Why.
         #[source]
@@ -63,6 +74,65 @@ pub fn find_binary(binary: &str) -> Option<PathBuf> {
     let search = std::env::var_os("PATH")
         .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&search).map(|dir| dir.join(binary)).find(|path| is_executable(path))
+}
+
+/// How long the sandbox probe may take before it counts as failed.
+const SANDBOX_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `binary` runs under [`SANDBOX`](super::argv::SANDBOX): probed once per process
+/// and remembered, and the decision logged. The probe is the real thing, a QEMU with no
+/// machine that installs the filter and quits over QMP (about 50 ms): a build without
+/// seccomp refuses the option, and a kernel or container that refuses filters fails it too,
+/// which `-sandbox help` or `-version` would not show.
+pub fn sandbox_supported(binary: &str) -> bool {
+    static DECIDED: OnceLock<bool> = OnceLock::new();
+    *DECIDED.get_or_init(|| match probe_sandbox(binary) {
+        Ok(()) => {
+            tracing::info!("qemu runs under its seccomp sandbox (-sandbox)");
+            true
+        }
+        Err(reason) => {
+            tracing::warn!(%reason, "qemu runs without its seccomp sandbox");
+            false
+        }
+    })
+}
+
+fn probe_sandbox(binary: &str) -> Result<(), String> {
+    use std::io::Write;
+    let binary = find_binary(binary).ok_or_else(|| format!("{binary} not found"))?;
+    let mut child = Command::new(&binary)
+        .args(["-sandbox", super::argv::SANDBOX, "-machine", "none", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("cannot run {}: {err}", binary.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+    }
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < SANDBOX_PROBE_TIMEOUT => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the probe did not finish within {SANDBOX_PROBE_TIMEOUT:?}"));
+            }
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        use std::io::Read;
+        let _ = err.read_to_string(&mut stderr);
+    }
+    Err(format!("-sandbox {}: {status}: {}", super::argv::SANDBOX, stderr.trim()))
 }
 
 /// Starts QEMU with `argv` (argv[0] names the binary), keeping `inherit` open in it.
@@ -117,6 +187,8 @@ impl Start {
             data_nics: self.data_nics.clone(),
             extra_args: config.qemu_args.clone(),
             restore: self.restore,
+            console_log_fd: None,
+            sandbox: sandbox_supported(&config.profile.qemu),
         }
     }
 }
@@ -141,12 +213,25 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
     let _ = std::fs::remove_file(&control_path);
     let control_listener = std::os::unix::net::UnixListener::bind(&control_path).map_err(control_error)?;
     created.push(control_path.clone());
-    // Files QEMU creates; removed on exit in case QEMU is killed before it can.
+    // Files QEMU creates; removed on exit in case QEMU is killed before it can. QEMU binds
+    // them under the umask `sys::spawn_supervised` gives it, so they are 0600 from the start.
     for name in [rundir::QMP, rundir::CONSOLE] {
         let path = run_path(name);
         let _ = std::fs::remove_file(&path);
         created.push(path);
     }
+    let console_log = run_path(rundir::CONSOLE_LOG);
+    let log_error = |source| LaunchError::ConsoleLog { path: console_log.clone(), source };
+    // QEMU opens the pipe by its /proc path; without /proc mounted, QEMU writes the log
+    // itself, uncapped, rather than failing to start.
+    let log_write = if Path::new("/proc/self/fd").is_dir() {
+        let (log_read, log_write) = super::console::pipe().map_err(log_error)?;
+        super::console::spawn_writer(log_read, console_log.clone(), super::console::LOG_CAP).map_err(log_error)?;
+        Some(log_write)
+    } else {
+        tracing::warn!("no /proc: qemu writes the console log itself, without a cap");
+        None
+    };
     // The connection waits in the listener's backlog until QEMU accepts it.
     let control = std::os::unix::net::UnixStream::connect(&control_path)
         .and_then(|stream| {
@@ -155,12 +240,17 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
         })
         .map_err(control_error)?;
 
-    let argv = qemu_argv(&config.profile, &start.launch(config, control_listener.as_raw_fd()));
+    let console_log_fd = log_write.as_ref().map(|fd| fd.as_raw_fd());
+    let launch = Launch { console_log_fd, ..start.launch(config, control_listener.as_raw_fd()) };
+    let argv = qemu_argv(&config.profile, &launch);
     let mut inherit = inherit.to_vec();
     inherit.push(control_listener.as_raw_fd());
+    inherit.extend(console_log_fd);
     let child = spawn_qemu(&argv, &inherit)?;
-    // QEMU holds the listener now; ours would only keep the socket alive after QEMU dies.
+    // QEMU holds the listener and the log's write end now; ours would only keep the socket
+    // alive after QEMU dies, and keep the log writer from seeing QEMU's end.
     drop(OwnedFd::from(control_listener));
+    drop(log_write);
     Ok(Started { pid: child.id(), control, created })
 }
 
@@ -171,4 +261,16 @@ pub fn kill_and_reap(pid: u32) {
     use nix::unistd::Pid;
     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
     let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_machines_qemu_runs_sandboxed() {
+        // Debian 12's QEMU 7.2 is built with seccomp; the probe must say so here.
+        assert_eq!(probe_sandbox("qemu-system-x86_64"), Ok(()));
+        assert!(probe_sandbox("/nonexistent/qemu").is_err());
+    }
 }

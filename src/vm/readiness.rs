@@ -64,14 +64,23 @@ pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool
 }
 
 /// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
-/// a plain file QEMU appends to, and a probe is periodic by nature. Reads only what is new
+/// a plain file vial appends to, and a probe is periodic by nature. Reads only what is new
 /// (a small local read, fine on the supervisor's thread).
 async fn watch_console(log: &Path, pattern: &[u8], interval: Duration) {
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
     let mut offset = 0u64;
+    let mut inode = None;
     let mut window: Vec<u8> = Vec::new();
     loop {
         if let Ok(mut file) = std::fs::File::open(log) {
+            // The log is rotated at a cap (`vm::console`): a new file starts from its start.
+            let meta = file.metadata().ok();
+            let now = meta.as_ref().map(|m| m.ino());
+            if now != inode || meta.is_some_and(|m| m.len() < offset) {
+                inode = now;
+                offset = 0;
+            }
             let mut fresh = Vec::new();
             if file.seek(SeekFrom::Start(offset)).is_ok() && file.read_to_end(&mut fresh).is_ok() && !fresh.is_empty() {
                 offset += fresh.len() as u64;

@@ -20,6 +20,8 @@ fn launch(accel: Accel, disks: usize, data_nics: Vec<DataNic>) -> Launch {
         data_nics,
         extra_args: Vec::new(),
         restore: false,
+        console_log_fd: None,
+        sandbox: false,
     }
 }
 
@@ -153,4 +155,25 @@ fn the_9p_device_leaves_its_slot_to_qemu_when_the_devices_before_it_need_slot_7(
     assert_eq!(share_device(&profile, "antidote").prop("addr"), None);
     profile.reserved_nics = 4;
     assert_eq!(share_device(&profile, "antidote").prop("addr"), Some(&"0x7".into()));
+}
+
+#[test]
+fn qemu_gets_its_sandbox_and_the_console_logs_pipe_when_given() {
+    let profile = profile("linux");
+    let argv =
+        joined(&profile, &Launch { console_log_fd: Some(7), sandbox: true, ..launch(Accel::Tcg, 0, Vec::new()) });
+    assert!(argv.contains(&format!("-sandbox {SANDBOX} ")), "{argv}");
+    assert!(
+        argv.contains(
+            "-chardev socket,id=console,path=/run/vial/console.sock,server=on,wait=off,logfile=/proc/self/fd/7 "
+        ),
+        "{argv}"
+    );
+    // Extra arguments that choose a sandbox of their own win.
+    let mut own = launch(Accel::Tcg, 0, Vec::new());
+    own.sandbox = true;
+    own.extra_args = vec!["-sandbox".into(), "off".into()];
+    let argv = joined(&profile, &own);
+    assert_eq!(argv.matches("-sandbox").count(), 1, "{argv}");
+    assert!(argv.ends_with("-sandbox off"), "{argv}");
 }

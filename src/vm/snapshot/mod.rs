@@ -166,6 +166,8 @@ pub fn machine_argv(profile: &Profile, accel: Accel, extra_args: &[String]) -> V
         data_nics: Vec::new(),
         extra_args: extra_args.to_vec(),
         restore: false,
+        console_log_fd: None,
+        sandbox: false,
     };
     qemu_argv(profile, &launch).into_iter().map(|a| a.to_string_lossy().into_owned()).collect()
 }

@@ -182,6 +182,17 @@ impl<R: Runtime> Lab<R> {
         let found = self.find_endpoint(plan, endpoint)?.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         let progress = Progress::new(std::slice::from_ref(&found.name));
+        // The links go first, from the peers' side: a veth whose other end's namespace goes is
+        // deleted by the kernel's namespace clean-up, which can lag by seconds on a busy host;
+        // deleting one end removes the pair at once.
+        for link in plan.links.iter().filter(|l| l.touches(endpoint)) {
+            for end in link.ends().into_iter().filter(|e| e.endpoint != endpoint) {
+                let peer = self.find_endpoint(plan, &end.endpoint)?;
+                if let Some(pid) = self.runtime.inspect(&peer.container).await?.and_then(|i| i.pid) {
+                    wire::delete(pid, &end.iface).await?;
+                }
+            }
+        }
         self.runtime.remove(&found.container).await?;
         let host = wire::host_netlink()?;
         for link in plan.links.iter().filter(|l| l.touches(endpoint)) {

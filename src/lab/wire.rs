@@ -190,6 +190,20 @@ pub async fn set_admin_state(pid: u32, endpoint: &str, iface: &str, up: bool) ->
     handle.link().set(message.build()).execute().await.map_err(step(if up { "bring up" } else { "take down" }))
 }
 
+/// Deletes interface `iface` of the container whose init is `pid` (one end of a veth: the
+/// pair goes at once, both ends); one that is not there is fine.
+pub async fn delete(pid: u32, iface: &str) -> Result<(), WireError> {
+    let handle = netlink_in(pid).await?;
+    let Ok(index) = index_of(&handle, iface).await else { return Ok(()) };
+    tracing::debug!(pid, iface, "RTM_DELLINK");
+    match handle.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        // Gone between the lookup and the delete.
+        Err(rtnetlink::Error::NetlinkError(err)) if err.raw_code() == -nix::libc::ENODEV => Ok(()),
+        Err(source) => Err(WireError::Step { step: format!("delete {iface} of pid {pid}"), source }),
+    }
+}
+
 /// Waits, up to `timeout`, until the container whose init is `pid` has no interface `iface`:
 /// a veth whose other end's namespace went (a removed container) is deleted by the kernel's
 /// namespace clean-up, a little after the container is gone. Returns whether it went.

@@ -137,6 +137,7 @@ impl Endpoint {
             return Err(SetupError::TunMissing);
         }
         qemu::require_binary(&profile.qemu)?;
+        qemu::probe_sandbox_early(&profile.qemu);
         let (accel, fallback) = vm::resolve_accel(profile.accel, crate::sys::kvm_usable)?;
         if let Some(reason) = fallback {
             tracing::info!(%reason, "KVM not usable; using TCG");

@@ -98,6 +98,14 @@ pub fn sandbox_supported(binary: &str) -> bool {
     })
 }
 
+/// Starts the sandbox probe on a thread of its own, so that its ~50 ms overlap the rest of
+/// setup (links, plumbing, overlays) instead of delaying QEMU's start; [`sandbox_supported`]
+/// then waits for it, or finds the answer.
+pub fn probe_sandbox_early(binary: &str) {
+    let binary = binary.to_string();
+    std::thread::spawn(move || sandbox_supported(&binary));
+}
+
 fn probe_sandbox(binary: &str) -> Result<(), String> {
     use std::io::Write;
     let binary = find_binary(binary).ok_or_else(|| format!("{binary} not found"))?;

@@ -191,6 +191,13 @@ fn plain_containers_are_wired_in_connection_order_with_the_subnets_addresses() {
     wait_until(Duration::from_secs(10), "c2's carrier back", || {
         (exec("vial-vialctl-three-c2", &["cat", "/sys/class/net/eth1/carrier"]).trim() == "1").then_some(())
     });
+    // Names that are not in the lesson are refused with what there is.
+    let wrong = lab.vialctl(&["link", "set", "c1:eth9", "down", "--lesson", "vialctl-three"]);
+    assert_eq!(wrong.status.code(), Some(64));
+    assert!(text(&wrong.stderr).contains("link c1:eth9: the lesson has eth1, eth2"), "{}", text(&wrong.stderr));
+    let wrong = lab.vialctl(&["restart", "c9", "--lesson", "vialctl-three"]);
+    assert_eq!(wrong.status.code(), Some(64));
+    assert!(text(&wrong.stderr).contains("endpoint c9: the lesson has c1, c2, c3"), "{}", text(&wrong.stderr));
     let graph = text(&lab.vialctl(&["graph", "vialctl-three"]).stdout);
     assert!(graph.contains("\"c3\" -- \"c1\""), "{graph}");
 
@@ -305,4 +312,30 @@ fn the_example_lesson_reaches_ospf_full_loses_a_pulled_link_and_survives_a_resta
     nothing_left(&lab, "ospf-basics");
     assert!(lab.vialctl(&["down"]).status.success());
     lab.lessons.clear();
+}
+
+#[test]
+fn bad_arguments_and_names_are_refused_naming_the_field_and_the_fix() {
+    build_image("utility");
+    let lab = Lab::new("vialctl-bad");
+    let lesson = lesson_dir(&lab, "bad", &THREE_CONTAINERS.replace("slug: vialctl-three", "slug: vialctl-bad"), &[]);
+    let lesson = lesson.to_str().unwrap();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["up", lesson, "--image", "utility"], 64, "--image \"utility\": give SLUG=REFERENCE"),
+        (&["up", lesson, "--stage", "7"], 64, "--stage 7: the lesson has stages 0..0"),
+        (&["up", lesson, "--timeout", "10x"], 64, "\"10x\" is not a duration"),
+        (&["up", lesson, "--mgmt-pool", "198.18.0.0/33"], 64, "--mgmt-pool"),
+        (&["up", "/nonexistent/lesson"], 66, "/nonexistent/lesson: no such directory"),
+        (&["link", "set", "c1eth1", "down", "--lesson", "vialctl-bad"], 64, "links named ENDPOINT:IFACE"),
+        (&["link", "set", "c1:eth1", "sideways"], 64, "possible values: up, down"),
+        (&["restart", "c9", "--lesson", "vialctl-bad"], 66, "no lesson \"vialctl-bad\" is up"),
+        (&["status", "vialctl-bad"], 66, "`vialctl status` lists the lessons that are"),
+    ];
+    for (args, code, message) in cases {
+        let output = lab.vialctl(args);
+        let err = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(*code), "vialctl {args:?}: {err}");
+        assert!(err.contains(message), "vialctl {args:?} should say {message:?}: {err}");
+    }
+    nothing_left(&lab, "vialctl-bad");
 }

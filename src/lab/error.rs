@@ -121,9 +121,48 @@ impl LabError {
             | LabError::WhichLesson { .. } => 64,
             LabError::ImageMissing { .. } | LabError::ConfiguratorMissing { .. } | LabError::Runtime(_) => 69,
             LabError::AlreadyUp { .. } | LabError::PoolExhausted { .. } => 75,
+            LabError::State(StateError::NotUp { .. }) => 66,
             LabError::State(_) | LabError::Wire(_) => 71,
             LabError::Configure(_) | LabError::Endpoint { .. } => 70,
             LabError::Timeout { .. } => 75,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_code_table() {
+        let not_up = StateError::NotUp { lesson: "x".into(), path: "/s/x.json".into() };
+        let io = StateError::Io { what: "read", path: "/s".into(), source: std::io::Error::from_raw_os_error(13) };
+        let runtime = RuntimeError { what: "create".into(), message: "no".into(), not_found: false };
+        let endpoint =
+            |phase| LabError::Endpoint { endpoint: "r1".into(), phase, message: "m".into(), log: String::new() };
+        let table: Vec<(LabError, u8)> = vec![
+            (LessonError::MissingDir { dir: "/l".into() }.into(), 66),
+            (LabError::NoStage { stage: 3, stages: 1 }, 64),
+            (LabError::NotInLesson { what: "endpoint r9".into(), known: "r1".into() }, 64),
+            (LabError::WhichLesson { lessons: "a, b".into() }, 64),
+            (LabError::ImageMissing { endpoint: "r1".into(), slug: "frr".into(), reference: "vial/frr".into() }, 69),
+            (runtime.into(), 69),
+            (LabError::AlreadyUp { lesson: "x".into() }, 75),
+            (not_up.into(), 66),
+            (io.into(), 71),
+            (endpoint("booting"), 70),
+            (
+                LabError::Timeout {
+                    endpoint: "r1".into(),
+                    phase: "probing",
+                    timeout: Duration::from_secs(1),
+                    log: String::new(),
+                },
+                75,
+            ),
+        ];
+        for (error, code) in table {
+            assert_eq!(error.exit_code(), code, "{error}");
         }
     }
 }

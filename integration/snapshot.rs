@@ -14,6 +14,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs `vial snapshot` in the sandbox's network namespace (QEMU's forwards listen on its
 /// loopback, where the readiness probe looks) and returns the snapshot directory.
 fn capture(sandbox: &Sandbox) -> PathBuf {
+    capture_with(sandbox, &[])
+}
+
+/// [`capture`] with `extra` settings.
+fn capture_with(sandbox: &Sandbox, extra: &[(&str, &str)]) -> PathBuf {
     let output = Command::new("ip")
         .args(["netns", "exec", &sandbox.netns])
         .arg(vial_bin())
@@ -22,6 +27,7 @@ fn capture(sandbox: &Sandbox) -> PathBuf {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(sandbox.env())
         .env("VIAL_RUN_DIR", sandbox.dir.path().join("capture-run"))
+        .envs(extra.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -79,6 +85,59 @@ fn a_snapshot_start_resumes_the_guest_and_hot_plugs_the_share_and_the_links() {
     let status = sandbox.status().unwrap();
     assert_eq!(status["links"][0]["interface"], "eth1", "{status}");
     assert_eq!(status["links"][0]["nic"], 1, "{status}");
+    stop_cleanly(&mut sandbox, vial);
+}
+
+#[test]
+fn the_multifunction_layout_starts_from_a_snapshot_keeps_a_nic_for_a_returning_link_and_refuses_a_late_one() {
+    let mut sandbox = Sandbox::new("snapmf");
+    let layout = ("VIAL_NIC_LAYOUT", "multifunction");
+    capture_with(&sandbox, &[layout]);
+
+    let peer = Netns::new("snapmf");
+    let net = 100 + (sandbox.addr.octets()[2] % 100);
+    let (guest, outside) = (format!("198.18.{net}.2"), format!("198.18.{net}.1"));
+    let netns = sandbox.netns.clone();
+    let cable = |name: &str| veth_between(&netns, name, &peer.0, name, 1500);
+    cable("eth1");
+    cable("eth2");
+    ip(&["-n", &peer.0, "addr", "add", &format!("{outside}/24"), "dev", "eth1"]);
+    std::fs::write(sandbox.lesson.join("hello.txt"), "lesson").unwrap();
+    std::fs::write(
+        sandbox.lesson.join("guest-hotplug.sh"),
+        format!("[ \"$1\" = eth1 ] && ip addr add {guest}/24 dev eth1\n"),
+    )
+    .unwrap();
+
+    let vial = sandbox.start(&[layout, ("VIAL_DATA_IFACES", "2")], "");
+    sandbox.wait_ready();
+    // From the snapshot, though its machine had no data NICs and the slot cannot gain
+    // functions: they were on QEMU's command line, and the share's hot-plug made the guest
+    // rescan the bus and find them, each with its own MAC.
+    let boot = boot(&sandbox);
+    assert_eq!(boot["from"], "snapshot", "{boot}\n{}", sandbox.log());
+    wait_until(Duration::from_secs(30), "the guest to find both data NICs", || {
+        let text = sandbox.console();
+        (text.contains("hot-plugged eth1") && text.contains("hot-plugged eth2")).then_some(())
+    });
+    let url = format!("http://{guest}/hello.txt");
+    let served = || peer.exec(&["curl", "-sf", "-m", "2", "-o", "/dev/null", &url]);
+    wait_until(Duration::from_secs(30), "the lesson file over eth1", || served().then_some(()));
+
+    // eth1 goes and comes back (a peer restarted): its NIC stayed, its TAP is stitched to the
+    // new link, and traffic flows again.
+    ip(&["-n", &peer.0, "link", "del", "eth1"]);
+    let link_state = |n: usize| sandbox.status().unwrap()["links"][n]["state"].as_str().unwrap_or("").to_string();
+    wait_until(Duration::from_secs(30), "eth1 missing in status", || (link_state(0) == "missing").then_some(()));
+    cable("eth1");
+    ip(&["-n", &peer.0, "addr", "add", &format!("{outside}/24"), "dev", "eth1"]);
+    wait_until(Duration::from_secs(30), "eth1 up again in status", || (link_state(0) == "up").then_some(()));
+    wait_until(Duration::from_secs(30), "the lesson file over the returned eth1", || served().then_some(()));
+
+    // A link the VM never had cannot get a function of the slot: failed, and said why.
+    cable("eth3");
+    wait_until(Duration::from_secs(30), "eth3 failed in status", || (link_state(2) == "failed").then_some(()));
+    assert!(sandbox.log().contains("cannot add a NIC to a running VM"), "{}", sandbox.log());
     stop_cleanly(&mut sandbox, vial);
 }
 

@@ -176,6 +176,9 @@ pub struct NetworkFile {
     /// Data plane: `tc`, `bridge` or `macvtap`.
     #[serde(default = "default_plumbing")]
     pub plumbing: String,
+    /// Where the NICs sit on the PCI bus: `slots` or `multifunction` ([`NicLayout`]).
+    #[serde(default = "default_nic_layout")]
+    pub nic_layout: String,
     /// How long to wait for the expected data links before giving up.
     #[serde(default = "default_link_timeout")]
     pub link_timeout: String,
@@ -190,6 +193,7 @@ impl Default for NetworkFile {
             egress: false,
             user_net: None,
             plumbing: default_plumbing(),
+            nic_layout: default_nic_layout(),
             link_timeout: default_link_timeout(),
         }
     }
@@ -311,6 +315,10 @@ fn default_disk_interface() -> String {
 fn default_nic_model() -> String {
     "virtio-net-pci".into()
 }
+fn default_nic_layout() -> String {
+    NicLayout::Slots.as_str().into()
+}
+
 fn default_plumbing() -> String {
     "tc".into()
 }
@@ -391,6 +399,55 @@ impl Plumbing {
             Plumbing::Bridge => "bridge",
             Plumbing::Macvtap => "macvtap",
         }
+    }
+}
+
+/// Where the VM's NICs sit on the PCI bus, which decides the names a guest with predictable
+/// interface names gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicLayout {
+    /// The management NIC where QEMU puts it; data NIC N in its own slot, `0x7 + N` on `pc`
+    /// (`vm::argv::data_nic_slot`), so links can arrive, leave and return at any time.
+    Slots,
+    /// One multifunction slot, as Antidote's images used: the management NIC at 3.0, data
+    /// NIC N at 3.N (N up to 7), so a guest names them `enp0s3f0`, `enp0s3f1`, ... A slot
+    /// cannot gain functions once the guest runs: data links must be present at start.
+    Multifunction,
+}
+
+impl NicLayout {
+    /// The PCI slot of the multifunction layout.
+    pub const SLOT: u32 = 3;
+    /// Data NICs the multifunction layout holds (functions 1..=7).
+    pub const MAX_FUNCTIONS: u32 = 7;
+
+    /// Parses `slots|multifunction`.
+    pub fn parse(value: &str) -> Option<NicLayout> {
+        match value {
+            "slots" => Some(NicLayout::Slots),
+            "multifunction" => Some(NicLayout::Multifunction),
+            _ => None,
+        }
+    }
+
+    /// The name used in profiles and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NicLayout::Slots => "slots",
+            NicLayout::Multifunction => "multifunction",
+        }
+    }
+}
+
+/// The root PCI bus of a machine type, by the name QEMU gives it: `pci.0` on `pc` (i440FX),
+/// `pcie.0` on `q35`; `None` for machines without one vial knows.
+pub fn pci_root_bus(machine_type: &str) -> Option<&'static str> {
+    if machine_type == "q35" || machine_type.starts_with("pc-q35") {
+        Some("pcie.0")
+    } else if machine_type == "pc" || machine_type.starts_with("pc-") {
+        Some("pci.0")
+    } else {
+        None
     }
 }
 
@@ -516,6 +573,8 @@ pub struct Profile {
     pub user_net: Option<(Ipv4Addr, u8)>,
     /// Data plane mode.
     pub plumbing: Plumbing,
+    /// Where the NICs sit on the PCI bus.
+    pub nic_layout: NicLayout,
     /// How long to wait for the expected data links.
     pub link_timeout: Duration,
     /// Management forwards.

@@ -35,6 +35,7 @@ pub enum Key {
     DataIfaces,
     /// Data plane mode.
     Plumbing,
+    NicLayout,
     /// How long to wait for the data links.
     LinkTimeout,
     /// QEMU binary.
@@ -188,6 +189,17 @@ pub const SETTINGS: &[Setting] = &[
         help: "data plane mode",
         profile: Some(("network.plumbing", |file, value| {
             file.network.plumbing = value;
+            Ok(())
+        })),
+    },
+    Setting {
+        key: Key::NicLayout,
+        env: "VIAL_NIC_LAYOUT",
+        flag: "nic-layout",
+        value_name: "slots|multifunction",
+        help: "where the VM's NICs sit on the PCI bus",
+        profile: Some(("network.nic_layout", |file, value| {
+            file.network.nic_layout = value;
             Ok(())
         })),
     },

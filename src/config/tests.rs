@@ -251,3 +251,40 @@ fn readiness_console_goes_with_a_tcp_probe_and_is_not_empty() {
     let problem = problems.iter().find(|p| p.field == "readiness.console").expect("readiness.console refused");
     assert!(problem.fix.contains("only probe = \"tcp\""), "{problem:?}");
 }
+
+#[test]
+fn the_nic_layout_is_checked_against_the_links_and_the_machine() {
+    let problem = |edit: &dyn Fn(&mut ProfileFile)| {
+        let (mut file, _) = repo_profile("linux");
+        edit(&mut file);
+        let problems = file.validate().unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.into_iter().next().unwrap()
+    };
+    let p = problem(&|f| f.network.nic_layout = "pcie".into());
+    assert_eq!((p.field.as_str(), p.value.as_str()), ("network.nic_layout", "pcie"));
+    assert!(p.fix.contains("slots or multifunction"), "{}", p.fix);
+    let p = problem(&|f| {
+        f.network.nic_layout = "multifunction".into();
+        f.network.data_nics = 8;
+    });
+    assert_eq!((p.field.as_str(), p.value.as_str()), ("network.data_nics", "8"));
+    assert!(p.fix.contains("at most 7") && p.fix.contains("slots"), "{}", p.fix);
+    let p = problem(&|f| {
+        f.network.nic_layout = "multifunction".into();
+        f.network.reserved_nics = 2;
+    });
+    assert_eq!(p.field, "network.reserved_nics");
+    let p = problem(&|f| {
+        f.network.nic_layout = "multifunction".into();
+        f.machine.machine_type = "microvm".into();
+    });
+    assert_eq!((p.field.as_str(), p.value.as_str()), ("network.nic_layout", "multifunction"));
+    // The environment reaches the same check, named by its variable's field.
+    let (file, path) = repo_profile("linux");
+    let err = Config::from_file(file, path, &env(&[("VIAL_NIC_LAYOUT", "multifunction"), ("VIAL_DATA_IFACES", "9")]), "x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("VIAL_DATA_IFACES") || err.contains("network.data_nics"), "{err}");
+    assert!(err.contains("at most 7"), "{err}");
+}

@@ -119,6 +119,33 @@ impl ProfileFile {
             bad("network.plumbing", &network.plumbing, "use tc, bridge or macvtap");
             Plumbing::Tc
         });
+        let nic_layout = NicLayout::parse(&network.nic_layout).unwrap_or_else(|| {
+            bad("network.nic_layout", &network.nic_layout, "use slots or multifunction");
+            NicLayout::Slots
+        });
+        if nic_layout == NicLayout::Multifunction {
+            if network.data_nics > NicLayout::MAX_FUNCTIONS {
+                bad(
+                    "network.data_nics",
+                    &network.data_nics,
+                    "give at most 7 with nic_layout = \"multifunction\" (one PCI slot has 8 functions, the first is management), or use nic_layout = \"slots\"",
+                );
+            }
+            if network.reserved_nics > 0 {
+                bad(
+                    "network.reserved_nics",
+                    &network.reserved_nics,
+                    "give 0 with nic_layout = \"multifunction\" (data NIC N is function N), or use nic_layout = \"slots\"",
+                );
+            }
+            if pci_root_bus(&self.machine.machine_type).is_none() {
+                bad(
+                    "network.nic_layout",
+                    &network.nic_layout,
+                    "use slots on this machine type (multifunction needs a pc or q35 machine)",
+                );
+            }
+        }
         let user_net = network.user_net.as_ref().and_then(|net| match parse_ipv4_net(net) {
             Some((addr, prefix)) if prefix <= 28 => Some((addr, prefix)),
             _ => {
@@ -292,6 +319,7 @@ impl ProfileFile {
             egress: network.egress,
             user_net,
             plumbing,
+            nic_layout,
             link_timeout,
             forwards,
             share,

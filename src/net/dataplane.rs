@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rtnetlink::Handle;
 
-use crate::config::{Plumbing, Profile};
+use crate::config::{NicLayout, Plumbing, Profile};
 use crate::net::links::{Link, LinkEvent, LinkWatcher, WaitError};
 use crate::net::plumb::{self, PlumbError, Stitch};
 use crate::net::selfcheck::{self, SelfCheck};
@@ -50,6 +50,17 @@ pub enum DataPlaneError {
         /// Why.
         source: std::io::Error,
     },
+    /// A link's NIC index is past what the multifunction layout holds.
+    #[error(
+        "{link} would be data NIC {nic}, but the multifunction NIC layout holds data NICs 1 to 7 \
+         (functions of PCI slot 3): name the links eth1..eth7, or set VIAL_NIC_LAYOUT=slots"
+    )]
+    NoFunction {
+        /// The link.
+        link: String,
+        /// Its NIC.
+        nic: u32,
+    },
     /// A stitched link does not carry frames.
     #[error("self-check of {link} failed (health stays red rather than report a dead link as ready)")]
     SelfCheck {
@@ -73,6 +84,7 @@ pub struct DataPlane {
     handle: Handle,
     watcher: LinkWatcher,
     mode: Plumbing,
+    layout: NicLayout,
     slots: Vec<Slot>,
 }
 
@@ -102,7 +114,8 @@ impl DataPlane {
         let mut watcher = LinkWatcher::start(&handle, mgmt).await?;
         let links = watcher.wait_for(profile.data_nics as usize, profile.link_timeout).await?;
         tracing::info!(links = ?links.iter().map(|l| &l.name).collect::<Vec<_>>(), "data links present");
-        let mut plane = DataPlane { handle, watcher, mode: profile.plumbing, slots: Vec::new() };
+        let mut plane =
+            DataPlane { handle, watcher, mode: profile.plumbing, layout: profile.nic_layout, slots: Vec::new() };
         for link in links {
             if let Err(err) = plane.stitch(&link).await {
                 plane.teardown().await;
@@ -132,6 +145,9 @@ impl DataPlane {
             Some(slot) => slot.nic,
             None => nic_index(&link.name, &self.slots.iter().map(|s| s.nic).collect::<Vec<_>>()),
         };
+        if self.layout == NicLayout::Multifunction && nic > NicLayout::MAX_FUNCTIONS {
+            return Err(DataPlaneError::NoFunction { link: link.name.clone(), nic });
+        }
         let stitch = plumb::stitch(&self.handle, self.mode, link, nic)
             .await
             .map_err(|source| DataPlaneError::Stitch { link: link.name.clone(), nic, source })?;
@@ -183,6 +199,7 @@ impl DataPlane {
     /// Errors are logged: the VM keeps running with the links it has.
     pub async fn on_event(&mut self, event: LinkEvent, qmp: &Qmp, profile: &Profile, name: &str) {
         match event {
+            LinkEvent::Added(link) if self.layout == NicLayout::Multifunction => self.on_added_in_slot(link, qmp).await,
             LinkEvent::Added(link) => {
                 if self.slots.iter().any(|s| s.name == link.name && s.stitch.is_some()) {
                     return;
@@ -233,6 +250,15 @@ impl DataPlane {
                 // own carrier while QEMU holds it).
                 set_nic_link(qmp, &link, slot.nic, carrier).await;
             }
+            LinkEvent::Removed(gone) if self.layout == NicLayout::Multifunction => {
+                // A function of a multifunction slot cannot be unplugged alone: the NIC and
+                // its TAP stay, without carrier, until the link returns.
+                let Some(slot) = self.slots.iter_mut().find(|s| s.name == gone && s.stitch.is_some()) else { return };
+                slot.state = LinkState::Missing;
+                let nic = slot.nic;
+                set_nic_link(qmp, &gone, nic, false).await;
+                tracing::info!(link = %gone, nic, "link gone; its NIC stays, without carrier, until it returns");
+            }
             LinkEvent::Removed(gone) => {
                 let Some(slot) = self.slots.iter().find(|s| s.name == gone && s.stitch.is_some()) else { return };
                 let nic = slot.nic;
@@ -243,6 +269,41 @@ impl DataPlane {
                 tracing::info!(link = %gone, nic, "link gone; NIC unplugged (it is plugged again if the link returns)");
             }
         }
+    }
+
+    /// A link that appears while the VM runs, in the multifunction layout: one that returns to
+    /// the NIC it had is stitched to that NIC's kept TAP; a new one cannot get a NIC (a PCI
+    /// slot gains no functions once the guest runs) and is reported failed.
+    async fn on_added_in_slot(&mut self, link: Link, qmp: &Qmp) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.name == link.name) else {
+            tracing::error!(
+                link = %link.name,
+                "link arrived after the VM started: the multifunction NIC layout cannot add a NIC to a running \
+                 VM (a PCI slot gains no functions then); restart the endpoint with every link present, or set \
+                 VIAL_NIC_LAYOUT=slots"
+            );
+            let nic = nic_index(&link.name, &self.slots.iter().map(|s| s.nic).collect::<Vec<_>>());
+            self.slots.push(Slot { nic, name: link.name.clone(), stitch: None, state: LinkState::Failed });
+            self.slots.sort_by_key(|s| s.nic);
+            return;
+        };
+        if slot.state != LinkState::Missing {
+            return;
+        }
+        let Some(stitch) = slot.stitch.as_mut() else { return };
+        if let Err(err) = plumb::reattach(&self.handle, stitch, &link).await {
+            tracing::error!(link = %link.name, nic = slot.nic, err = %crate::logging::error_chain(&err), "cannot stitch a returning link");
+            slot.state = LinkState::Failed;
+            return;
+        }
+        slot.state = match selfcheck::self_check(stitch).await {
+            Ok(check) => check_state(check),
+            Err(err) => {
+                tracing::error!(link = %link.name, %err, "self-check of a returning link failed");
+                LinkState::Failed
+            }
+        };
+        set_nic_link(qmp, &link.name, slot.nic, link.carrier && slot.state != LinkState::Failed).await;
     }
 
     /// Tells the VM the carrier of every link that has none now (at start, the NICs come up

@@ -211,6 +211,24 @@ pub fn plan(mode: Plumbing, link: &Link, nic: u32) -> Vec<NetOp> {
     }
 }
 
+/// The steps that stitch `link`, back after it vanished, to the TAP (and bridge) still kept
+/// for VM NIC `nic`. tc: the TAP's ingress (whose redirect pointed at the vanished link) is
+/// made again, with the link's, both ways; bridge: the link joins the bridge again. `None`
+/// for macvtap, whose device went with its link. Pure.
+pub fn reattach_plan(mode: Plumbing, link: &Link, nic: u32) -> Option<Vec<NetOp>> {
+    let tap = tap_name(nic);
+    match mode {
+        Plumbing::Tc => Some(vec![
+            NetOp::AddIngress { dev: link.name.clone() },
+            NetOp::AddIngress { dev: tap.clone() },
+            NetOp::Redirect { from: link.name.clone(), to: tap.clone() },
+            NetOp::Redirect { from: tap, to: link.name.clone() },
+        ]),
+        Plumbing::Bridge => Some(vec![NetOp::Enslave { dev: link.name.clone(), bridge: bridge_name(nic) }]),
+        Plumbing::Macvtap => None,
+    }
+}
+
 /// Why plumbing failed. Every variant names the step and its object.
 #[derive(Debug, thiserror::Error)]
 pub enum PlumbError {
@@ -334,6 +352,16 @@ pub enum PlumbError {
         /// Why.
         #[source]
         source: Box<rtnetlink::Error>,
+    },
+    /// A link came back to a NIC whose device went with it.
+    #[error("{link} cannot be stitched again to VM NIC {nic} in {mode} mode: its macvtap went with the link (use tc or bridge plumbing, or restart the endpoint)")]
+    Reattach {
+        /// The link.
+        link: String,
+        /// Its NIC.
+        nic: u32,
+        /// The plumbing mode.
+        mode: &'static str,
     },
     /// The self-check could not send or watch.
     #[error("self-check of {link} (nic {nic}) failed")]
@@ -758,6 +786,36 @@ pub async fn unstitch(handle: &Handle, stitch: &Stitch) -> Result<(), PlumbError
     let result = revert_all(handle, &stitch.undo).await;
     info!(link = %stitch.link.name, nic = stitch.nic, ok = result.is_ok(), "data link unstitched");
     result
+}
+
+/// Stitches `link`, back after it vanished, to the TAP `stitch` kept for its VM NIC (the
+/// multifunction NIC layout never unplugs a NIC, so its TAP outlives the link; see
+/// [`reattach_plan`]). On failure, removes what it made for the link.
+pub async fn reattach(handle: &Handle, stitch: &mut Stitch, link: &Link) -> Result<(), PlumbError> {
+    let Some(steps) = reattach_plan(stitch.mode, link, stitch.nic) else {
+        return Err(PlumbError::Reattach { link: link.name.clone(), nic: stitch.nic, mode: stitch.mode.as_str() });
+    };
+    if stitch.mode == Plumbing::Tc {
+        // The TAP's old redirect goes with its ingress qdisc.
+        revert(handle, &Undo::DeleteIngress { name: stitch.device.clone(), index: stitch.device_index }).await?;
+    }
+    let mut progress = Progress {
+        index: HashMap::from([(link.name.clone(), link.index), (stitch.device.clone(), stitch.device_index)]),
+        fd: None,
+        classifier: stitch.classifier,
+        undo: Vec::new(),
+    };
+    for step in &steps {
+        if let Err(err) = apply(handle, step, &mut progress).await {
+            warn!(link = %link.name, nic = stitch.nic, error = %err, "stitching a returning link failed; cleaning up");
+            let _ = revert_all(handle, &progress.undo).await;
+            return Err(err);
+        }
+    }
+    info!(link = %link.name, nic = stitch.nic, mode = stitch.mode.as_str(), "returning link stitched to its kept NIC");
+    stitch.undo.extend(progress.undo);
+    stitch.link = link.clone();
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::Config;
+use crate::config::{Config, NicLayout};
 use crate::exit::{Outcome, SetupError, TUN_DEVICE};
 use crate::health;
 use crate::net::dataplane::DataPlane;
@@ -27,6 +27,7 @@ use crate::reaper::{self, Ended};
 use crate::rundir;
 use crate::status::{BootFrom, BootStatus, ForwardStatus, Phase, Status};
 use crate::vm::qemu::{self, Start};
+use crate::vm::snapshot::restore::SnapshotNics;
 use crate::vm::snapshot::{self, restore};
 use crate::vm::{self, readiness, Accel};
 use stop::{Stop, REPRESS_INTERVAL};
@@ -185,8 +186,13 @@ impl Endpoint {
                 Some(format!("snapshot not used: there is none in {}", target.dir.display()))
             }
             Some(target) => {
-                let nics = dataplane.hotplug_nics(&profile, &self.config.name)?;
-                match restore::restore(&self.config, target, accel, share.clone(), &nics).await {
+                let nics = match profile.nic_layout {
+                    NicLayout::Slots => SnapshotNics::Hotplug(dataplane.hotplug_nics(&profile, &self.config.name)?),
+                    NicLayout::Multifunction => {
+                        SnapshotNics::CommandLine { nics: dataplane.data_nics(), fds: dataplane.fds() }
+                    }
+                };
+                match restore::restore(&self.config, target, accel, share.clone(), nics).await {
                     Ok(restored) => {
                         self.created.extend(restored.created);
                         self.status.send_modify(|status| status.qemu_pid = Some(restored.pid));

@@ -7,7 +7,8 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use super::Accel;
-use crate::config::Profile;
+use crate::config::profile::pci_root_bus;
+use crate::config::{NicLayout, Profile};
 use crate::qmp::device::Device;
 use crate::rundir;
 
@@ -114,8 +115,27 @@ pub fn data_nic_device(profile: &Profile, name: &str, index: u32, mtu: u32) -> D
     if profile.nic_model == "virtio-net-pci" && mtu != 1500 {
         device = device.with("host_mtu", mtu);
     }
-    if let Some(slot) = data_nic_slot(&profile.machine_type, index) {
-        device = device.with("bus", "pci.0").with("addr", format!("{slot:#x}"));
+    match (profile.nic_layout, pci_root_bus(&profile.machine_type)) {
+        // Validation keeps index within the slot's functions (`NicLayout::MAX_FUNCTIONS`).
+        (NicLayout::Multifunction, Some(bus)) => {
+            device = device.with("bus", bus).with("addr", format!("{:#x}.{index}", NicLayout::SLOT));
+        }
+        _ => {
+            if let Some(slot) = data_nic_slot(&profile.machine_type, index) {
+                device = device.with("bus", "pci.0").with("addr", format!("{slot:#x}"));
+            }
+        }
+    }
+    device
+}
+
+/// The management NIC (on the `mgmt` netdev). In the multifunction layout it is function 0
+/// of slot 3 and says the slot has more; otherwise QEMU places it.
+pub fn mgmt_nic_device(profile: &Profile, name: &str) -> Device {
+    let mut device =
+        Device::new(profile.nic_model.as_str()).with("netdev", "mgmt").with("mac", format_mac(nic_mac(name, 0)));
+    if let (NicLayout::Multifunction, Some(bus)) = (profile.nic_layout, pci_root_bus(&profile.machine_type)) {
+        device = device.with("bus", bus).with("addr", format!("{:#x}.0", NicLayout::SLOT)).with("multifunction", "on");
     }
     device
 }
@@ -215,7 +235,7 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
         ));
     }
     push(&["-netdev", &netdev]);
-    push(&["-device", &format!("{},netdev=mgmt,mac={}", profile.nic_model, format_mac(nic_mac(&launch.name, 0)))]);
+    push(&["-device", &mgmt_nic_device(profile, &launch.name).to_arg()]);
     // Unconnected NICs the appliance expects before its data ports (vQFX's internal ports).
     for reserved in 0..profile.reserved_nics {
         push(&["-device", &format!("{},mac={}", profile.nic_model, format_mac(nic_mac(&launch.name, 200 + reserved)))]);

@@ -177,3 +177,26 @@ fn qemu_gets_its_sandbox_and_the_console_logs_pipe_when_given() {
     assert_eq!(argv.matches("-sandbox").count(), 1, "{argv}");
     assert!(argv.ends_with("-sandbox off"), "{argv}");
 }
+
+#[test]
+fn the_multifunction_layout_puts_management_at_3_0_and_data_nic_n_at_3_n() {
+    let overrides = Overrides::from_env([("VIAL_NIC_LAYOUT".to_string(), "multifunction".to_string())]).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-profiles/linux.toml");
+    let file = ProfileFile::load(&path).unwrap();
+    let profile = Config::from_file(file, "/etc/vial/profile.toml".into(), &overrides, "h").unwrap().profile;
+    let nics = (1..=2)
+        .map(|index| DataNic { index, backend: NicBackend::TapFd { fd: 10 + index as i32 }, mtu: 1500, vhost: false })
+        .collect();
+    let argv = joined(&profile, &launch(Accel::Tcg, 0, nics));
+    let mac = |n| format_mac(nic_mac("r1", n));
+    for device in [
+        format!("-device virtio-net-pci,netdev=mgmt,mac={},bus=pci.0,addr=0x3.0,multifunction=on ", mac(0)),
+        format!("-device virtio-net-pci,netdev=data1,id=nic1,mac={},bus=pci.0,addr=0x3.1 ", mac(1)),
+        format!("-device virtio-net-pci,netdev=data2,id=nic2,mac={},bus=pci.0,addr=0x3.2 ", mac(2)),
+        // The share keeps its slot: a snapshot start hot-plugs it, which makes the guest
+        // rescan the bus and find the data functions (see vm::snapshot::restore).
+        "-device virtio-9p-pci,id=share,fsdev=lesson,mount_tag=antidote,bus=pci.0,addr=0x7 ".to_string(),
+    ] {
+        assert!(argv.contains(&device), "no `{device}` in\n{argv}");
+    }
+}

@@ -81,6 +81,12 @@ pub enum SnapshotError {
     /// An earlier run's overlay is kept, and the snapshot's memory does not know its changes.
     #[error("an earlier run of this container changed its disk (its overlay is kept), and the snapshot's memory does not know those changes")]
     OverlayKept,
+    /// Data NICs on the command line that nothing would make the guest look for.
+    #[error("the multifunction NIC layout's {nics} data NIC(s) reach a snapshot's guest when the lesson share's hot-plug makes it rescan the PCI bus, and this start has no share")]
+    NoRescan {
+        /// How many.
+        nics: usize,
+    },
     /// Another QEMU.
     #[error("this is QEMU {running}; the snapshot was made by QEMU {snapshot}")]
     QemuVersion {

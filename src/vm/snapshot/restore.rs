@@ -1,10 +1,15 @@
 //! Starting an endpoint from the profile's RAM snapshot: QEMU starts paused without the 9p
 //! device and the data NICs (`-S -incoming defer`), loads the saved guest through a passed
 //! descriptor, then the lesson share and the data NICs are hot-plugged into the slots they
-//! have at a cold boot, and the guest resumes. Any failure leaves nothing behind (QEMU gone,
-//! its overlays removed) and says why; the caller then boots cold.
+//! have at a cold boot, and the guest resumes. In the multifunction NIC layout the data NICs
+//! cannot be hot-plugged (a PCI slot gains no functions once its function 0, the management
+//! NIC, is there): they are on QEMU's command line instead, where the snapshot has no state
+//! for them, and the guest finds them when the share's hot-plug makes it rescan the bus (Linux's
+//! acpiphp rescans every slot of a bus after a device check finds a new device). Any failure
+//! leaves nothing behind (QEMU gone, its overlays removed) and says why; the caller then
+//! boots cold.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,7 +18,22 @@ use crate::config::{Config, Snapshot};
 use crate::qmp::{self, HotplugNic, Qmp};
 use crate::vm::disk::{self, Base};
 use crate::vm::qemu::{self, Start};
+use crate::vm::argv::DataNic;
 use crate::vm::{argv, Accel};
+
+/// How the data NICs reach a guest started from its snapshot, which has none.
+pub enum SnapshotNics {
+    /// Hot-plugged before it resumes, each into the slot it has at a cold boot.
+    Hotplug(Vec<HotplugNic>),
+    /// On QEMU's command line, with the descriptors QEMU inherits (the multifunction layout;
+    /// see the module docs).
+    CommandLine {
+        /// The NICs.
+        nics: Vec<DataNic>,
+        /// Their descriptors.
+        fds: Vec<RawFd>,
+    },
+}
 
 /// How long loading a RAM snapshot may take (a few hundred MiB from the image's layer).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -51,9 +71,16 @@ pub async fn restore(
     snapshot: &Snapshot,
     accel: Accel,
     share: Option<PathBuf>,
-    nics: &[HotplugNic],
+    nics: SnapshotNics,
 ) -> Result<Restored, SnapshotError> {
     let manifest = check(config, snapshot, accel)?;
+    let (hotplug, data_nics, fds) = match nics {
+        SnapshotNics::Hotplug(nics) => (nics, Vec::new(), Vec::new()),
+        SnapshotNics::CommandLine { nics, .. } if !nics.is_empty() && share.is_none() => {
+            return Err(SnapshotError::NoRescan { nics: nics.len() });
+        }
+        SnapshotNics::CommandLine { nics, fds } => (Vec::new(), nics, fds),
+    };
     let vmstate_path = snapshot.dir.join(VMSTATE);
     let vmstate = std::fs::File::open(&vmstate_path)
         .map_err(|source| SnapshotError::OpenVmstate { path: vmstate_path.clone(), source })?;
@@ -61,8 +88,8 @@ pub async fn restore(
     let disks = disk::prepare_overlays(&profile.disks, &config.state_dir, Base::Layers(&snapshot.dir))?;
     // The overlays over the snapshot's layers go with any failure from here: the cold boot
     // makes its own over the image's disks.
-    let start = Start { accel, disks, share: share.clone(), data_nics: Vec::new(), restore: true };
-    let started = match qemu::start_qemu(config, &start, &[]) {
+    let start = Start { accel, disks, share: share.clone(), data_nics, restore: true };
+    let started = match qemu::start_qemu(config, &start, &fds) {
         Ok(started) => started,
         Err(err) => {
             disk::remove_all(&profile.disks, &config.state_dir);
@@ -70,7 +97,7 @@ pub async fn restore(
         }
     };
     let loading = Instant::now();
-    match load(config, started.control, &manifest.qemu, &vmstate, share.is_some(), nics).await {
+    match load(config, started.control, &manifest.qemu, &vmstate, share.is_some(), &hotplug).await {
         Ok((qmp, events)) => {
             tracing::info!(elapsed = ?loading.elapsed(), "snapshot loaded and resumed");
             Ok(Restored { pid: started.pid, qmp, events, created: started.created })

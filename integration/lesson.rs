@@ -238,3 +238,56 @@ fn usage_and_missing_input_have_their_exit_codes() {
     assert!(stderr.contains("no lesson.meta.yaml (or image.meta.yaml)"), "{stderr}");
     assert_eq!(vialctl(&["--help"]).0, 0);
 }
+
+/// A curriculum checkout made here: `lessons/<slug>/` and `images/<dir>/image.meta.yaml`.
+fn curriculum(tag: &str, images: &[(&str, &str)], lesson_image: &str) -> (testkit::TempDir, PathBuf) {
+    let root = temp_dir(tag);
+    let lesson = root.path().join("lessons/two-images");
+    std::fs::create_dir_all(&lesson).unwrap();
+    let meta = std::fs::read_to_string(fixtures().join("linux-basics/lesson.meta.yaml")).unwrap();
+    let meta = meta.replace("slug: linux-basics", "slug: two-images").replace("image: utility", lesson_image);
+    std::fs::write(lesson.join("lesson.meta.yaml"), meta).unwrap();
+    for (dir, text) in images {
+        std::fs::create_dir_all(root.path().join("images").join(dir)).unwrap();
+        std::fs::write(root.path().join("images").join(dir).join("image.meta.yaml"), text).unwrap();
+    }
+    (root, lesson)
+}
+
+const FRR_IMAGE: &str = "slug: frr\ndescription: d\nflavor: trusted\nsshUser: antidote\nsshPassword: p\n\
+configUser: antidote\nconfigPassword: p\n";
+
+#[test]
+fn in_a_curriculum_checkout_the_images_beside_it_decide_which_slugs_exist() {
+    // A slug the checkout has: valid.
+    let (_root, lesson) = curriculum("curr-ok", &[("frr", FRR_IMAGE)], "image: frr");
+    let (code, out, err) = vialctl(&["lesson", "validate", "--no-file-checks", s(&lesson)]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // An unknown slug, a broken image file and a repeated slug: each a problem at its place.
+    let broken = "description: no slug\nflavor: sideways\n";
+    let (root, lesson) =
+        curriculum("curr-bad", &[("frr", FRR_IMAGE), ("frr-again", FRR_IMAGE), ("broken", broken)], "image: nope");
+    let (code, out, err) = vialctl(&["lesson", "validate", "--no-file-checks", s(&lesson)]);
+    let all = format!("{out}{err}");
+    assert_eq!(code, 65, "{all}");
+    let images = root.path().join("images").canonicalize().unwrap();
+    assert!(
+        all.contains("lesson.meta.yaml:") && all.contains("image \"nope\" is not among this curriculum's images"),
+        "{all}"
+    );
+    assert!(all.contains(&format!("add {}/nope/image.meta.yaml", images.display())), "{all}");
+    assert!(all.contains(&format!("{}/broken/image.meta.yaml:", images.display())), "{all}");
+    assert!(all.contains("frr-again/image.meta.yaml:1:1: slug \"frr\" is taken by another image"), "{all}");
+}
+
+#[test]
+fn the_examples_are_a_curriculum_checkout_whose_lessons_and_images_validate() {
+    let examples = repo().join("examples");
+    let mut dirs = dirs_in(&examples.join("lessons"), false);
+    assert!(dirs.len() >= 1, "{dirs:?}");
+    dirs.extend(dirs_in(&examples.join("images"), false));
+    let args: Vec<&str> = ["lesson", "validate"].into_iter().chain(dirs.iter().map(|d| s(d))).collect();
+    let (code, out, err) = vialctl(&args);
+    assert_eq!(code, 0, "{out}{err}");
+}

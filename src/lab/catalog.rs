@@ -98,4 +98,31 @@ mod tests {
         let err = Catalog::new(&["crpd".into()]).unwrap_err().to_string();
         assert!(err.contains("SLUG=REFERENCE"), "{err}");
     }
+
+    /// Repository check: each image.meta.yaml under examples/images/ names an image the
+    /// catalog knows, and logs in the way that image is built to (the profile's
+    /// `[credentials]`, or the plain-container Dockerfile's `vial.credentials` label).
+    #[test]
+    fn the_examples_image_metadata_agrees_with_the_images() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let (images, problems) = crate::lesson::load_images(&root.join("examples/images")).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(images.by_slug.contains_key("frr") && images.by_slug.contains_key("utility"), "{images:?}");
+        let catalog = Catalog::new(&[]).unwrap();
+        for (slug, image) in &images.by_slug {
+            let reference = catalog.resolve("example", slug).unwrap();
+            let name = reference.trim_start_matches("vial/").trim_end_matches(":latest");
+            let profile = root.join("vm-profiles").join(format!("{name}.toml"));
+            let login = (image.config_user.as_str(), image.config_password.as_str());
+            if profile.is_file() {
+                let file = crate::config::ProfileFile::load(&profile).unwrap();
+                let credentials = file.credentials.expect("a VM image with metadata has credentials");
+                assert_eq!(login, (credentials.user.as_str(), credentials.password.as_str()), "{slug}");
+            } else {
+                let dockerfile = std::fs::read_to_string(root.join("dockerfiles").join(name).join("Dockerfile")).unwrap();
+                let label = format!("vial.credentials=\"{}/{}\"", login.0, login.1);
+                assert!(dockerfile.contains(&label), "{slug}: the Dockerfile has no `{label}`");
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Stage configuration, with antidote-core's configurator contract: for each endpoint that has
 //! a `configurationType`, its file in `stage<N>/configs/` runs in a configurator container on
 //! the lesson's management network, with the lesson at `/antidote` and the target in
-//! `ANTIDOTE_TARGET_HOST`, `ANTIDOTE_TARGET_USERNAME`, `ANTIDOTE_TARGET_PASSWORD`: python runs
+//! `ANTIDOTE_TARGET_HOST` (and `SYRINGE_TARGET_HOST`, its older name), `ANTIDOTE_TARGET_USERNAME`, `ANTIDOTE_TARGET_PASSWORD`: python runs
 //! the script, ansible runs `ansible-playbook -i HOST, FILE`, napalm merges and commits the
 //! file with the driver its name gives. `command` is pure; `configure` runs it.
 
@@ -113,6 +113,9 @@ pub async fn configure<R: Runtime>(
         image: configurator.to_string(),
         env: vec![
             format!("ANTIDOTE_TARGET_HOST={}", endpoint.name),
+            // The name Syringe, antidote-core's predecessor, gave it: the curriculum's frr
+            // scripts still read it.
+            format!("SYRINGE_TARGET_HOST={}", endpoint.name),
             format!("ANTIDOTE_TARGET_USERNAME={user}"),
             format!("ANTIDOTE_TARGET_PASSWORD={password}"),
         ],

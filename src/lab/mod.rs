@@ -155,6 +155,7 @@ impl<R: Runtime> Lab<R> {
             .canonicalize()
             .map_err(|_| LessonError::MissingDir { dir: options.lesson_dir.clone() })?;
         let lesson = lesson::load(&lesson_dir)?;
+        let curriculum = lesson::images_beside(&lesson_dir)?;
         if options.stage >= lesson.stages.len() {
             return Err(LabError::NoStage { stage: options.stage, stages: lesson.stages.len() });
         }
@@ -181,11 +182,20 @@ impl<R: Runtime> Lab<R> {
                 }
                 None => Kind::Container,
             };
-            let credentials = info
-                .labels
-                .get(CREDENTIALS_LABEL)
-                .and_then(|c| c.split_once('/'))
-                .map(|(user, password)| (user.to_string(), password.to_string()));
+            // A curriculum's image.meta.yaml says how its configuration logs in; else the
+            // image's own label does.
+            let from_metadata = curriculum
+                .as_ref()
+                .and_then(|images| images.by_slug.get(slug))
+                .filter(|image| !image.config_user.is_empty())
+                .map(|image| (image.config_user.clone(), image.config_password.clone()));
+            let from_label = || {
+                info.labels
+                    .get(CREDENTIALS_LABEL)
+                    .and_then(|c| c.split_once('/'))
+                    .map(|(user, password)| (user.to_string(), password.to_string()))
+            };
+            let credentials = from_metadata.or_else(from_label);
             images.insert(slug.clone(), ImageChoice { reference, kind, credentials });
         }
         let plan = plan::plan(&lesson, &images, options.mtu);

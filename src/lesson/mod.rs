@@ -7,8 +7,10 @@
 //! - `image`: the image model.
 //! - `validate`: rules between fields, and checks against the lesson directory.
 //! - `convert`: Syringe-era lessons to the current format.
+//! - `curriculum`: the images of the curriculum checkout a lesson sits in.
 
 mod convert;
+mod curriculum;
 mod image;
 mod model;
 mod validate;
@@ -18,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use convert::{convert, is_legacy, slug_from_dir_name, ConvertFailure, Converted};
+pub use curriculum::{images_beside, images_dir, load_images, Images, IMAGES_DIR};
 pub use image::{Flavor, Image};
 pub use model::{
     is_slug, slugify, Author, Category, ConfigurationType, Connection, Endpoint, GuideType, Lesson, Presentation,
@@ -172,8 +175,19 @@ pub fn validate_dir(dir: &Path, options: ValidateOptions) -> Result<Vec<Problem>
         Image::parse(&text).err().unwrap_or_default()
     } else {
         match Lesson::parse(&text) {
-            Ok(lesson) if options.file_checks => lesson.check_files(dir),
-            Ok(_) => Vec::new(),
+            Ok(lesson) => {
+                let mut problems: Vec<Problem> = Vec::new();
+                if options.file_checks {
+                    problems.extend(lesson.check_files(dir).into_iter().map(|d| Problem::in_file(&file, d)));
+                }
+                // In a curriculum checkout, the images beside it decide which slugs exist.
+                if let Some(images_dir) = images_dir(dir) {
+                    let (images, image_problems) = load_images(&images_dir)?;
+                    problems.extend(image_problems);
+                    problems.extend(curriculum::check_slugs(&lesson, &file, &images));
+                }
+                return Ok(problems);
+            }
             Err(problems) => problems,
         }
     };

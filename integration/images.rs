@@ -196,11 +196,12 @@ fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
     let (ok, version) = ssh(addr, "sudo vtysh -c 'show version'");
     assert!(ok && version.contains("FRRouting"), "sudo vtysh -c 'show version' over SSH:\n{version}");
 
-    let (ok, eth0) = ssh(addr, "ip -4 addr show dev eth0; cat /var/lib/dhcp/dhclient.eth0.leases");
+    // Named as on Antidote's frr image: function 0 of the multifunction slot 3.
+    let (ok, eth0) = ssh(addr, "ip -4 addr show dev enp0s3f0; cat /var/lib/dhcp/dhclient.enp0s3f0.leases");
     assert!(ok, "{eth0}");
     assert!(
         eth0.contains("inet 10.0.2.15/24") && eth0.contains("dynamic") && eth0.contains("lease {"),
-        "eth0 did not take its address by DHCP:\n{eth0}"
+        "enp0s3f0 did not take its address by DHCP:\n{eth0}"
     );
 
     // The lesson's frr.conf reached FRR through the 9p share, before FRR started.
@@ -231,7 +232,7 @@ fn ospf_lesson(lesson: &Path) {
         let dir = lesson.join(format!("r{n}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
-            "frr defaults traditional\nhostname r{n}\n!\ninterface eth1\n ip address 10.12.0.{n}/30\n \
+            "frr defaults traditional\nhostname r{n}\n!\ninterface enp0s3f1\n ip address 10.12.0.{n}/30\n \
              ip ospf network point-to-point\n ip ospf hello-interval 1\n ip ospf dead-interval 4\n!\n\
              router ospf\n ospf router-id 192.0.2.{n}\n network 10.12.0.0/30 area 0\n!\n"
         );

@@ -285,7 +285,7 @@ fn in_a_curriculum_checkout_the_images_beside_it_decide_which_slugs_exist() {
 fn the_examples_are_a_curriculum_checkout_whose_lessons_and_images_validate() {
     let examples = repo().join("examples");
     let mut dirs = dirs_in(&examples.join("lessons"), false);
-    assert!(dirs.len() >= 1, "{dirs:?}");
+    assert!(!dirs.is_empty(), "{dirs:?}");
     dirs.extend(dirs_in(&examples.join("images"), false));
     let args: Vec<&str> = ["lesson", "validate"].into_iter().chain(dirs.iter().map(|d| s(d))).collect();
     let (code, out, err) = vialctl(&args);

@@ -2,7 +2,7 @@
 # Stage 0 of ospf-basics for r1 (an FRR router, vial/frr), run by the configurator:
 #   python3 /antidote/stage0/configs/r1.py
 # with ANTIDOTE_TARGET_HOST, ANTIDOTE_TARGET_USERNAME and ANTIDOTE_TARGET_PASSWORD set.
-# It logs in over SSH and configures FRR with vtysh: the link to r2 on eth1, a loopback,
+# It logs in over SSH and configures FRR with vtysh: the link to r2 on enp0s3f1, a loopback,
 # and OSPF area 0 on both.
 import os
 import sys
@@ -25,7 +25,7 @@ CONFIG = [
     "ip ospf passive",
     "ip address 198.19.255.1/32",
     "exit",
-    "interface eth1",
+    "interface enp0s3f1",
     "description link to r2",
     "ip address 198.18.100.1/24",
     "ip ospf network point-to-point",

@@ -2,8 +2,8 @@
 # Stage 0 of ospf-basics for r2 (an FRR router, vial/frr), run by the configurator:
 #   python3 /antidote/stage0/configs/r2.py
 # with ANTIDOTE_TARGET_HOST, ANTIDOTE_TARGET_USERNAME and ANTIDOTE_TARGET_PASSWORD set.
-# It logs in over SSH and configures FRR with vtysh: the link to r1 on eth1, the link to
-# linux1 on eth2, a loopback, and OSPF area 0 on all three (passive towards linux1, which
+# It logs in over SSH and configures FRR with vtysh: the link to r1 on enp0s3f1, the link to
+# linux1 on enp0s3f2, a loopback, and OSPF area 0 on all three (passive towards linux1, which
 # speaks no OSPF, so r1 learns its subnet without r2 sending hellos to it).
 import os
 import sys
@@ -26,12 +26,12 @@ CONFIG = [
     "ip ospf passive",
     "ip address 198.19.255.2/32",
     "exit",
-    "interface eth1",
+    "interface enp0s3f1",
     "description link to r1",
     "ip address 198.18.100.2/24",
     "ip ospf network point-to-point",
     "exit",
-    "interface eth2",
+    "interface enp0s3f2",
     "description link to linux1",
     "ip address 198.18.101.1/24",
     "ip ospf passive",

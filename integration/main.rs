@@ -6,6 +6,7 @@
 mod support;
 
 mod config_errors;
+mod curriculum;
 mod dataplane;
 mod images;
 mod lesson;

@@ -15,14 +15,15 @@ fn vialctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vialctl"))
 }
 
-/// One test's lessons: a state directory, removed (after `vialctl down`) on drop.
-struct Lab {
+/// One test's lessons: a state directory, removed (after `vialctl down`) on drop. Shared
+/// with `curriculum.rs`, as are [`text`], [`nothing_left`] and [`ssh_port`].
+pub(crate) struct Lab {
     dir: testkit::TempDir,
-    lessons: Vec<String>,
+    pub(crate) lessons: Vec<String>,
 }
 
 impl Lab {
-    fn new(tag: &str) -> Lab {
+    pub(crate) fn new(tag: &str) -> Lab {
         Lab { dir: temp_dir(tag), lessons: Vec::new() }
     }
 
@@ -31,7 +32,7 @@ impl Lab {
     }
 
     /// `vialctl --state-dir DIR args...`.
-    fn vialctl(&self, args: &[&str]) -> Output {
+    pub(crate) fn vialctl(&self, args: &[&str]) -> Output {
         let output = Command::new(vialctl_bin())
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -45,7 +46,7 @@ impl Lab {
     }
 
     /// `vialctl up` of `lesson`, remembered for `down` on drop.
-    fn up(&mut self, lesson: &Path, slug: &str, extra: &[&str]) -> Output {
+    pub(crate) fn up(&mut self, lesson: &Path, slug: &str, extra: &[&str]) -> Output {
         self.lessons.push(slug.to_string());
         let mut args = vec!["up", lesson.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -61,7 +62,7 @@ impl Drop for Lab {
     }
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -79,7 +80,7 @@ fn lesson_dir(lab: &Lab, name: &str, meta: &str, files: &[(&str, &str)]) -> Path
 }
 
 /// Nothing of `slug` is left: no container, network, parked veth or state.
-fn nothing_left(lab: &Lab, slug: &str) {
+pub(crate) fn nothing_left(lab: &Lab, slug: &str) {
     let label = format!("label=vial.lesson={slug}");
     let containers = testkit::docker::stdout(&["ps", "-a", "-q", "--filter", &label]).unwrap();
     assert!(containers.trim().is_empty(), "containers of {slug} left: {containers}");
@@ -267,7 +268,7 @@ fn ospf_neighbors(port: u16) -> String {
 }
 
 /// The host port of `endpoint`'s SSH presentation, from `vialctl status --json`.
-fn ssh_port(lab: &Lab, lesson: &str, endpoint: &str) -> u16 {
+pub(crate) fn ssh_port(lab: &Lab, lesson: &str, endpoint: &str) -> u16 {
     let status: serde_json::Value = serde_json::from_slice(&lab.vialctl(&["status", lesson, "--json"]).stdout).unwrap();
     let found = status[lesson].as_array().unwrap().iter().find(|e| e["endpoint"] == endpoint).unwrap().clone();
     found["ports"]["22"].as_u64().unwrap() as u16

@@ -125,6 +125,9 @@ pub(crate) struct ImageProfile {
     pub description: String,
     /// The profile with its paths resolved as in the image (against `/etc/vial`).
     pub profile: Profile,
+    /// The file's text, as parsed: what the image's caches are keyed on (read once, so that
+    /// an edit during a build cannot key a disk on steps it did not run).
+    pub text: String,
 }
 
 /// Where the image's profile lives inside the image; relative paths resolve against its folder.
@@ -141,11 +144,12 @@ pub(crate) fn load_profile(name: &str) -> Result<ImageProfile> {
         profile_names().join(", "),
         container::IMAGES.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
     );
-    let file = ProfileFile::load(&path).map_err(|problem| anyhow::anyhow!("{problem}"))?;
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file = ProfileFile::parse(&text, &path.display().to_string()).map_err(|problem| anyhow::anyhow!("{problem}"))?;
     let description = file.description.clone();
     let config = Config::from_file(file, PathBuf::from(IMAGE_PROFILE_PATH), &Overrides::default(), name)
         .map_err(|err| anyhow::anyhow!("{} is not a valid profile:\n{err}", path.display()))?;
-    Ok(ImageProfile { path, description, profile: config.profile })
+    Ok(ImageProfile { path, description, profile: config.profile, text })
 }
 
 fn profile_names() -> Vec<String> {
@@ -404,8 +408,7 @@ pub(crate) fn first_booted_disk(
     );
     let shipped = work.join(format!("{}.qcow2", profile.name));
     let stamp_path = work.join(format!("{}.qcow2.stamp", profile.name));
-    let profile_text = fs::read(&image.path)?;
-    let stamp = stamp(&[input_stamp.as_bytes(), &profile_text, &FIRST_BOOT_VERSION.to_le_bytes()]);
+    let stamp = stamp(&[input_stamp.as_bytes(), image.text.as_bytes(), &FIRST_BOOT_VERSION.to_le_bytes()]);
     if !rebuild && shipped.is_file() && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         println!("image: first-booted disk {} is up to date", shipped.display());
         return Ok(shipped);

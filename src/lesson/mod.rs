@@ -180,11 +180,10 @@ pub fn validate_dir(dir: &Path, options: ValidateOptions) -> Result<Vec<Problem>
                 if options.file_checks {
                     problems.extend(lesson.check_files(dir).into_iter().map(|d| Problem::in_file(&file, d)));
                 }
-                // In a curriculum checkout, the images beside it decide which slugs exist.
+                // In a curriculum checkout, the metadata of the images it uses must be valid.
                 if let Some(images_dir) = images_dir(dir) {
-                    let (images, image_problems) = load_images(&images_dir)?;
-                    problems.extend(image_problems);
-                    problems.extend(curriculum::check_slugs(&lesson, &file, &images));
+                    let (_, image_problems) = load_images(&images_dir)?;
+                    problems.extend(curriculum::problems_of_used(&lesson, image_problems));
                 }
                 return Ok(problems);
             }

@@ -154,3 +154,50 @@ fn sigterm_early_in_boot_still_powers_the_guest_off_cleanly() {
     assert_eq!(exit.code(), Some(0), "{}", sandbox.log());
     assert_no_qemu_left(&sandbox);
 }
+
+/// Sends one QMP command on the endpoint's public monitor (`/run/vial/qmp.sock`), as a person
+/// or tool would, and returns QEMU's answer.
+fn qmp_command(sandbox: &Sandbox, command: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(sandbox.run_dir.join("qmp.sock")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // the greeting
+    let mut writer = stream;
+    for execute in ["qmp_capabilities", command] {
+        writeln!(writer, "{{\"execute\":\"{execute}\"}}").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                break;
+            }
+        }
+    }
+    line
+}
+
+#[test]
+fn a_vm_paused_after_ready_turns_health_unready_with_the_reason_and_ready_again_when_resumed() {
+    let mut sandbox = Sandbox::new("pause");
+    let vial = sandbox.start(&[], "");
+    sandbox.wait_ready();
+
+    assert!(qmp_command(&sandbox, "stop").contains("\"return\""));
+    let status = wait_until(Duration::from_secs(30), "health to say unready", || {
+        sandbox.status().filter(|s| s["state"] == "unready")
+    });
+    assert!(status["reason"].as_str().unwrap_or("").contains("the VM is paused"), "{status}");
+    assert_ne!(sandbox.health(&[]).0, 0, "vial health must fail while the VM is paused");
+
+    assert!(qmp_command(&sandbox, "cont").contains("\"return\""));
+    wait_until(Duration::from_secs(60), "health to say ready again", || {
+        sandbox.status().filter(|s| s["state"] == "ready")
+    });
+    assert_eq!(sandbox.health(&[]).0, 0);
+
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(0), "{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+}

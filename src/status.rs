@@ -19,6 +19,9 @@ pub enum Phase {
     Booting,
     /// The profile's readiness probe passed.
     Ready,
+    /// It was ready and no longer is (its VM is paused); `reason` says why. Back to `ready`
+    /// once the guest answers its probe again.
+    Unready,
     /// A stop was requested; the guest is being powered off.
     Stopping,
     /// The guest is off and QEMU has exited.
@@ -36,6 +39,7 @@ impl Phase {
             Phase::Plumbing => "plumbing",
             Phase::Booting => "booting",
             Phase::Ready => "ready",
+            Phase::Unready => "unready",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
             Phase::Failed => "failed",

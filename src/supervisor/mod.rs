@@ -32,6 +32,9 @@ use crate::vm::snapshot::{self, restore};
 use crate::vm::{self, readiness, Accel};
 use stop::{Stop, REPRESS_INTERVAL};
 
+/// Health's reason while a VM that was ready is paused.
+const PAUSED: &str = "the VM is paused: its vCPUs stopped (a QMP `stop` on qmp.sock, or QEMU on an I/O error)";
+
 /// QMP negotiation as the supervision loop awaits it: the connection, or why there is none.
 type Negotiation = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(qmp::Qmp, qmp::Events), qmp::QmpError>>>>;
 
@@ -295,7 +298,7 @@ impl Endpoint {
                     _ => {}
                 },
                 Some(()) = ready_rx.recv() => {
-                    if stop == Stop::NotRequested && self.status.borrow().phase == Phase::Booting {
+                    if stop == Stop::NotRequested && matches!(self.status.borrow().phase, Phase::Booting | Phase::Unready) {
                         self.set_phase(Phase::Ready, None);
                     }
                 }
@@ -396,6 +399,19 @@ impl Endpoint {
                 *probe_task = Some(self.start_probe(ready_tx.clone()));
             }
             VmEvent::GuestPanicked => self.set_phase(Phase::Failed, Some("guest panicked".into())),
+            // Paused after it was ready (a QMP `stop` from a person or tool on qmp.sock, or
+            // QEMU on an I/O error): not usable, and health says why.
+            VmEvent::Stop if stop == Stop::NotRequested && self.status.borrow().phase == Phase::Ready => {
+                self.set_phase(Phase::Unready, Some(PAUSED.into()));
+            }
+            // Running again: ready once the guest answers its probe.
+            VmEvent::Resume if stop == Stop::NotRequested && self.status.borrow().phase == Phase::Unready => {
+                if let Some(task) = probe_task.take() {
+                    task.abort();
+                }
+                self.set_phase(Phase::Unready, Some("the VM resumed; waiting for the guest to answer its probe".into()));
+                *probe_task = Some(self.start_liveness_probe(ready_tx.clone()));
+            }
             _ => {}
         }
     }
@@ -446,6 +462,18 @@ impl Endpoint {
             // TCP probe has forwards, so there is one).
             let addr = mgmt.unwrap_or(Ipv4Addr::LOCALHOST);
             readiness::wait_ready(&probe, interval, addr, &console_log).await;
+            let _ = ready.send(());
+        })
+    }
+
+    /// Sends on `ready` once a guest that was ready answers its probe again
+    /// ([`readiness::wait_answering`]).
+    fn start_liveness_probe(&self, ready: mpsc::UnboundedSender<()>) -> tokio::task::JoinHandle<()> {
+        let profile = &self.config.profile;
+        let (interval, probe) = (profile.probe_interval, profile.probe.clone());
+        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        tokio::spawn(async move {
+            readiness::wait_answering(&probe, interval, mgmt.unwrap_or(Ipv4Addr::LOCALHOST)).await;
             let _ = ready.send(());
         })
     }

@@ -63,6 +63,17 @@ pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool
     matches!(tokio::time::timeout(ATTEMPT, attempt).await, Ok(Some(true)))
 }
 
+/// Returns once a guest that was ready answers again: the TCP part of `probe` (its console
+/// text was printed already and stays in the log); a console-pattern probe at once.
+pub async fn wait_answering(probe: &Probe, interval: Duration, addr: Ipv4Addr) {
+    if let Probe::Tcp { port, send, expect, .. } = probe {
+        let target = SocketAddrV4::new(addr, *port);
+        while !probe_tcp(target, send, expect).await {
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
 /// Follows the console log until `pattern` appears. Polls at the probe interval: the log is
 /// a plain file vial appends to, and a probe is periodic by nature. Reads only what is new
 /// (a small local read, fine on the supervisor's thread).

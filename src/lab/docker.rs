@@ -136,6 +136,8 @@ impl Runtime for DockerRuntime {
                     .collect(),
             ),
             cap_add: Some(spec.cap_add.clone()),
+            sysctls: (!spec.sysctls.is_empty())
+                .then(|| spec.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
             port_bindings: Some(port_bindings),
             network_mode: Some(spec.network.clone()),
             ..Default::default()

@@ -38,6 +38,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::lesson::{self, LessonError};
+use crate::net::plumb::BRIDGE_NF_SYSCTLS;
 use catalog::Catalog;
 use plan::{EndpointPlan, ImageChoice, Kind, CREDENTIALS_LABEL, ENDPOINT_LABEL, LESSON_LABEL, PROFILE_LABEL};
 use progress::{Phase, Progress};
@@ -358,6 +359,12 @@ impl<R: Runtime> Lab<R> {
                 vec![format!("VIAL_NAME={}", endpoint.name), format!("VIAL_DATA_IFACES={}", endpoint.links.len())];
             spec.env.extend(state.vm_env.iter().cloned());
             spec.devices = state.vm_devices.clone();
+            // Docker loads br_netfilter, which drops malformed IPv4 on the bridge of a VM
+            // endpoint in bridge plumbing; /proc/sys is read-only inside, so vial cannot turn
+            // it off there itself.
+            if Path::new("/proc/sys/net/bridge").is_dir() {
+                spec.sysctls = BRIDGE_NF_SYSCTLS.iter().map(|s| (s.to_string(), "0".to_string())).collect();
+            }
             spec.binds.push(Bind {
                 host: self.states.run_dir(&plan.lesson, &endpoint.name),
                 container: "/run/vial".into(),

@@ -72,6 +72,8 @@ pub struct ContainerSpec {
     pub devices: Vec<String>,
     /// Capabilities added (`NET_ADMIN`).
     pub cap_add: Vec<String>,
+    /// Namespaced sysctls set at creation (`net.bridge.bridge-nf-call-iptables=0`).
+    pub sysctls: BTreeMap<String, String>,
     /// A command instead of the image's (a configurator's script).
     pub cmd: Option<Vec<String>>,
 }

@@ -233,6 +233,10 @@ fn test_frames() -> Vec<(&'static str, Vec<u8>)> {
     bpdu.extend_from_slice(&OUTSIDE_MAC);
     bpdu.extend_from_slice(&[0x80, 0x01, 0, 0, 0x14, 0, 0x02, 0, 0x0f, 0]);
 
+    // IPv4 whose header checksum is wrong: a router drops it, a wire must not.
+    let mut bad_checksum = ipv4_udp("vial ipv4 bad checksum", 64);
+    bad_checksum[10] ^= 0xff;
+
     vec![
         ("arp", ether([0xff; 6], OUTSIDE_MAC, 0x0806, &arp)),
         ("ipv4", ether(VM_MAC, OUTSIDE_MAC, 0x0800, &ipv4_udp("vial ipv4 unicast", 64))),
@@ -242,6 +246,9 @@ fn test_frames() -> Vec<(&'static str, Vec<u8>)> {
         ("lldp", ether([0x01, 0x80, 0xc2, 0, 0, 0x0e], OUTSIDE_MAC, 0x88cc, &lldp)),
         ("lacp", ether([0x01, 0x80, 0xc2, 0, 0, 0x02], OUTSIDE_MAC, 0x8809, &lacp)),
         ("stp", ether([0x01, 0x80, 0xc2, 0, 0, 0x00], OUTSIDE_MAC, bpdu.len() as u16, &bpdu)),
+        // 802.1X EAPOL-Start (version 2, type 1, no body), to the PAE group address.
+        ("eapol", ether([0x01, 0x80, 0xc2, 0, 0, 0x03], OUTSIDE_MAC, 0x888e, &[0x02, 0x01, 0x00, 0x00])),
+        ("ipv4-bad-checksum", ether(VM_MAC, OUTSIDE_MAC, 0x0800, &bad_checksum)),
     ]
 }
 
@@ -377,7 +384,9 @@ fn macvtap_mode_works_without_udev_and_leaves_no_device_node() {
 }
 
 /// Acceptance criterion: a bridge cannot pass LACP (01:80:c2:00:00:02): the kernel refuses
-/// group_fwd_mask bit 2 (BR_GROUPFWD_RESTRICTED), so the bridge keeps LACPDUs to itself.
+/// group_fwd_mask bit 2 (BR_GROUPFWD_RESTRICTED), so the bridge keeps LACPDUs to itself. It
+/// does pass EAPOL (bit 3 of the mask) and malformed IPv4 (br_netfilter off in the
+/// namespace; this test's namespace has it on, as Docker's do, until the plumbing runs).
 /// STP BPDUs (01:80:c2:00:00:00) *are* forwarded while the bridge's own STP is off
 /// (br_handle_frame: "If STP is turned off, then must forward to keep loop detection").
 #[test]

@@ -13,11 +13,13 @@
 //!   with one all-zero key (`u32 match u32 0 0`), probed once per process.
 //! - `bridge`: a Linux bridge per link with the link and a TAP as ports, STP off, forward delay
 //!   0, ageing 0 (every frame floods to the one other port: a hub, so no MAC ever gets stuck on
-//!   the wrong side) and `group_fwd_mask` 0x4000 so LLDP passes, as Antidote's images did.
-//!   The kernel refuses bits 0-2 of that mask (br_sysfs_br.c, BR_GROUPFWD_RESTRICTED): LACP
-//!   (01:80:c2:00:00:02) is never forwarded and MAC pause (…:01) never either. STP BPDUs
-//!   (…:00) are forwarded while the bridge's own STP is off (br_input.c: "If STP is turned
-//!   off, then must forward to keep loop detection"), so a bridge passes STP but not LACP.
+//!   the wrong side), `group_fwd_mask` 0xfff8 so every link-local group the kernel allows
+//!   passes (LLDP, 802.1X EAPOL, ...), and `br_netfilter` off in the namespace so malformed
+//!   IPv4 is not dropped. The kernel refuses bits 0-2 of that mask (br_sysfs_br.c,
+//!   BR_GROUPFWD_RESTRICTED): LACP (01:80:c2:00:00:02) is never forwarded and MAC pause
+//!   (…:01) never either. STP BPDUs (…:00) are forwarded while the bridge's own STP is off
+//!   (br_input.c: "If STP is turned off, then must forward to keep loop detection"), so a
+//!   bridge passes STP but not LACP.
 //! - `macvtap`: a macvtap in passthru mode on the link (the link goes promiscuous), in
 //!   allmulticast mode so every multicast reaches the guest; QEMU gets its `/dev/tapN`.
 
@@ -43,8 +45,16 @@ use super::tap::{self, TapError};
 use crate::config::Plumbing;
 use crate::vm::argv::{DataNic, NicBackend};
 
-/// The bridge's `group_fwd_mask`: bit 14 forwards 01:80:c2:00:00:0e (LLDP, 802.1AB).
-pub const GROUP_FWD_MASK: u16 = 1 << 14;
+/// The bridge's `group_fwd_mask`: every IEEE link-local group (01:80:c2:00:00:0X, bit X) the
+/// kernel lets a bridge forward, 802.1X EAPOL (bit 3) and LLDP (bit 14) among them. Bits 0-2
+/// (STP, MAC pause, LACP) it refuses (BR_GROUPFWD_RESTRICTED).
+pub const GROUP_FWD_MASK: u16 = 0xfff8;
+
+/// The `br_netfilter` switches of a network namespace: while one is 1 (the default once
+/// the module is loaded, as Docker loads it), the bridge hands frames of that family to
+/// iptables, and first drops IPv4 it finds malformed (br_validate_ipv4).
+pub const BRIDGE_NF_SYSCTLS: [&str; 3] =
+    ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables", "net.bridge.bridge-nf-call-arptables"];
 
 /// Priority of the redirect filters (lower numbers match first; these are the only filters).
 const FILTER_PRIORITY: u16 = 1;
@@ -120,6 +130,11 @@ pub enum NetOp {
         /// The device.
         dev: String,
     },
+    /// Turn `br_netfilter` off in the endpoint's namespace ([`BRIDGE_NF_SYSCTLS`]), so the
+    /// bridge passes what the wire carries, malformed IPv4 included. Where `/proc/sys` is
+    /// read-only (a container) and they are on, a warning names the `--sysctl` options that
+    /// do it.
+    NoBridgeNetfilter,
     /// Set a device's MTU.
     SetMtu {
         /// The device.
@@ -186,6 +201,7 @@ pub fn plan(mode: Plumbing, link: &Link, nic: u32) -> Vec<NetOp> {
                 NetOp::CreateTap { name: tap.clone() },
                 NetOp::NoIpv6 { dev: tap.clone() },
                 NetOp::SetMtu { dev: tap.clone(), mtu },
+                NetOp::NoBridgeNetfilter,
                 NetOp::CreateBridge { name: bridge.clone(), group_fwd_mask: GROUP_FWD_MASK, ageing_time: 0 },
                 NetOp::NoIpv6 { dev: bridge.clone() },
                 NetOp::SetMtu { dev: bridge.clone(), mtu },
@@ -586,6 +602,7 @@ async fn apply(handle: &Handle, op: &NetOp, progress: &mut Progress) -> Result<(
             progress.index.insert(name.clone(), index);
             progress.undo.push(Undo::DeleteLink { name: name.clone(), index });
         }
+        NetOp::NoBridgeNetfilter => no_bridge_netfilter(),
         NetOp::NoIpv6 { dev } => {
             let index = progress.index(dev)?;
             debug!(dev, "RTM_SETLINK addrgenmode none");
@@ -690,6 +707,30 @@ async fn apply(handle: &Handle, op: &NetOp, progress: &mut Progress) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Turns off each of [`BRIDGE_NF_SYSCTLS`] that is on in this thread's network namespace.
+/// Not fatal: without `br_netfilter` there is nothing to turn off, and where `/proc/sys` is
+/// read-only the bridge still works, minus malformed IPv4; a warning says how to fix that.
+fn no_bridge_netfilter() {
+    for sysctl in BRIDGE_NF_SYSCTLS {
+        let path = format!("/proc/sys/{}", sysctl.replace('.', "/"));
+        match std::fs::read_to_string(&path) {
+            Ok(value) if value.trim() == "1" => {
+                if let Err(err) = std::fs::write(&path, "0") {
+                    warn!(
+                        sysctl,
+                        %err,
+                        "br_netfilter is on in this namespace and cannot be turned off here: the bridge drops \
+                         IPv4 it finds malformed; start the container with --sysctl {sysctl}=0 (vialctl does)"
+                    );
+                } else {
+                    debug!(sysctl, "br_netfilter off in this namespace");
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Takes back one step; what is already gone counts as taken back.
@@ -835,6 +876,7 @@ mod tests {
                 }
                 NetOp::CreateMacvtap { name, link, mtu } => format!("macvtap {name} on {link} mtu {mtu}"),
                 NetOp::NoIpv6 { dev } => format!("noipv6 {dev}"),
+                NetOp::NoBridgeNetfilter => "no-br-netfilter".into(),
                 NetOp::SetMtu { dev, mtu } => format!("mtu {dev} {mtu}"),
                 NetOp::SetAllmulti { dev } => format!("allmulti {dev}"),
                 NetOp::Enslave { dev, bridge } => format!("enslave {dev} {bridge}"),
@@ -871,7 +913,8 @@ mod tests {
                 "tap vtap1",
                 "noipv6 vtap1",
                 "mtu vtap1 9000",
-                "bridge vbr1 mask=0x4000 ageing=0",
+                "no-br-netfilter",
+                "bridge vbr1 mask=0xfff8 ageing=0",
                 "noipv6 vbr1",
                 "mtu vbr1 9000",
                 "enslave vtap1 vbr1",
@@ -880,8 +923,10 @@ mod tests {
                 "up vbr1"
             ]
         );
-        // 01:80:c2:00:00:0e is bit 14; bits 0-2 (STP, pause, LACP) the kernel refuses.
-        assert_eq!(GROUP_FWD_MASK, 1 << 0x0e);
+        // 01:80:c2:00:00:0e (LLDP) is bit 14, ...:03 (EAPOL) bit 3; bits 0-2 (STP, pause,
+        // LACP) the kernel refuses.
+        assert_ne!(GROUP_FWD_MASK & (1 << 0x0e), 0);
+        assert_ne!(GROUP_FWD_MASK & (1 << 0x03), 0);
         assert_eq!(GROUP_FWD_MASK & 0b111, 0);
     }
 
@@ -908,6 +953,8 @@ mod tests {
                     | NetOp::AddIngress { dev } => vec![dev.clone()],
                     NetOp::Enslave { dev, bridge } => vec![dev.clone(), bridge.clone()],
                     NetOp::Redirect { from, to } => vec![from.clone(), to.clone()],
+                    // The namespace's br_netfilter switches: no device.
+                    NetOp::NoBridgeNetfilter => vec![],
                 };
                 for name in names {
                     assert!(name == "eth9" || crate::net::links::is_own(&name), "{mode:?} {op:?}");

@@ -71,10 +71,16 @@ pub enum TapError {
         source: io::Error,
     },
     /// Opening the macvtap's device node failed.
-    #[error("cannot open macvtap device {path} (a container needs a device cgroup rule for it, or --privileged)")]
+    #[error(
+        "cannot open macvtap device {path}: a container needs a device cgroup rule for macvtap's \
+         devices, here --device-cgroup-rule='c {major}:* rwm' (macvtap's major number on this host, \
+         from /proc/devices)"
+    )]
     OpenMacvtap {
         /// The node.
         path: PathBuf,
+        /// Its major number (allocated at boot; macvtap's line in `/proc/devices`).
+        major: u64,
         /// Why.
         #[source]
         source: io::Error,
@@ -120,7 +126,7 @@ pub fn open_macvtap(ifindex: u32) -> Result<OwnedFd, TapError> {
             .custom_flags(nix::libc::O_CLOEXEC)
             .open(path)
             .map(OwnedFd::from)
-            .map_err(|source| TapError::OpenMacvtap { path: path.into(), source })
+            .map_err(|source| TapError::OpenMacvtap { path: path.into(), major, source })
     };
 
     let in_dev = PathBuf::from(format!("/dev/tap{ifindex}"));
@@ -167,6 +173,17 @@ pub fn open_vhost_net() -> Option<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_macvtap_names_the_device_cgroup_rule_that_allows_it() {
+        let err = TapError::OpenMacvtap {
+            path: "/run/vial/dev/tap7".into(),
+            major: 246,
+            source: io::Error::from_raw_os_error(nix::libc::EPERM),
+        };
+        let text = err.to_string();
+        assert!(text.contains("/run/vial/dev/tap7") && text.contains("--device-cgroup-rule='c 246:* rwm'"), "{text}");
+    }
 
     #[test]
     fn sysfs_dev_files_parse() {

@@ -160,3 +160,43 @@ fn a_link_whose_peer_comes_up_later_goes_from_no_carrier_to_up_and_the_guest_see
     signal(vial, Signal::SIGTERM);
     assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
 }
+
+/// Someone removes part of a link's plumbing after ready (`sabotage`, run in the endpoint's
+/// namespace): vial notices, restores it, counts the repair in health, and traffic flows again.
+fn broken_plumbing_is_restored(mode: &str, sabotage: &[&str]) {
+    let mut sandbox = Sandbox::new(&format!("fix-{mode}"));
+    let peer = Netns::new(&format!("fix-{mode}"));
+    let net = 100 + (sandbox.addr.octets()[2] % 100);
+    let (guest, outside) = (format!("198.18.{net}.2"), format!("198.18.{net}.1"));
+    veth_between(&sandbox.netns, "eth1", &peer.0, "eth1", 1500);
+    ip(&["-n", &peer.0, "addr", "add", &format!("{outside}/24"), "dev", "eth1"]);
+    std::fs::write(sandbox.lesson.join("guest-init.sh"), format!("ip addr add {guest}/24 dev eth1\n")).unwrap();
+    std::fs::write(sandbox.lesson.join("hello.txt"), "over the data link").unwrap();
+    let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1"), ("VIAL_PLUMBING", mode)], "");
+    sandbox.wait_ready();
+    let url = format!("http://{guest}/hello.txt");
+    let served = || peer.exec(&["curl", "-sf", "-m", "2", "-o", "/dev/null", &url]);
+    wait_until(BOOT_TIMEOUT, "the lesson file over the data link", || served().then_some(()));
+
+    let mut command = vec!["netns", "exec", sandbox.netns.as_str()];
+    command.extend_from_slice(sabotage);
+    ip(&command);
+    let status = wait_until(Duration::from_secs(30), "vial to restore the plumbing", || {
+        sandbox.status().filter(|s| s["links"][0]["repairs"] == 1 && s["links"][0]["state"] == "up")
+    });
+    assert_eq!(status["state"], "ready", "{status}");
+    assert!(sandbox.log().contains("plumbing broken after ready"), "{}", sandbox.log());
+    wait_until(Duration::from_secs(30), "the lesson file over the restored link", || served().then_some(()));
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
+}
+
+#[test]
+fn a_tc_filter_deleted_after_ready_is_restored() {
+    broken_plumbing_is_restored("tc", &["tc", "filter", "del", "dev", "eth1", "ingress"]);
+}
+
+#[test]
+fn a_bridge_port_removed_after_ready_is_restored() {
+    broken_plumbing_is_restored("bridge", &["ip", "link", "set", "dev", "eth1", "nomaster"]);
+}

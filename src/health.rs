@@ -1183,6 +1183,7 @@ mod tests {
                 nic,
                 mode: "tc".into(),
                 state: crate::status::LinkState::Up,
+                repairs: 0,
             })
             .collect();
         // Far more than a socket buffer, so the server is mid-write when the client leaves.

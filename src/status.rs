@@ -93,6 +93,9 @@ pub struct LinkStatus {
     pub mode: String,
     /// Where it stands.
     pub state: LinkState,
+    /// How often vial found this link's plumbing broken after ready (a filter, qdisc or
+    /// bridge port removed by someone else) and restored it.
+    pub repairs: u32,
 }
 
 /// What the guest was started from.

@@ -77,6 +77,7 @@ struct Slot {
     name: String,
     stitch: Option<Stitch>,
     state: LinkState,
+    repairs: u32,
 }
 
 /// The data links of one endpoint.
@@ -152,7 +153,8 @@ impl DataPlane {
             .await
             .map_err(|source| DataPlaneError::Stitch { link: link.name.clone(), nic, source })?;
         tracing::info!(link = %link.name, nic, mode = self.mode.as_str(), "link stitched");
-        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state: LinkState::Unchecked };
+        let repairs = self.slots.iter().find(|s| s.name == link.name).map_or(0, |s| s.repairs);
+        let slot = Slot { nic, name: link.name.clone(), stitch: Some(stitch), state: LinkState::Unchecked, repairs };
         match self.slots.iter().position(|s| s.name == link.name) {
             Some(i) => self.slots[i] = slot,
             None => {
@@ -185,6 +187,7 @@ impl DataPlane {
                 nic: s.nic,
                 mode: self.mode.as_str().into(),
                 state: s.state,
+                repairs: s.repairs,
             })
             .collect()
     }
@@ -283,7 +286,7 @@ impl DataPlane {
                  VIAL_NIC_LAYOUT=slots"
             );
             let nic = nic_index(&link.name, &self.slots.iter().map(|s| s.nic).collect::<Vec<_>>());
-            self.slots.push(Slot { nic, name: link.name.clone(), stitch: None, state: LinkState::Failed });
+            self.slots.push(Slot { nic, name: link.name.clone(), stitch: None, state: LinkState::Failed, repairs: 0 });
             self.slots.sort_by_key(|s| s.nic);
             return;
         };
@@ -291,7 +294,7 @@ impl DataPlane {
             return;
         }
         let Some(stitch) = slot.stitch.as_mut() else { return };
-        if let Err(err) = plumb::reattach(&self.handle, stitch, &link).await {
+        if let Err(err) = plumb::restitch(&self.handle, stitch, &link).await {
             tracing::error!(link = %link.name, nic = slot.nic, err = %crate::logging::error_chain(&err), "cannot stitch a returning link");
             slot.state = LinkState::Failed;
             return;
@@ -304,6 +307,39 @@ impl DataPlane {
             }
         };
         set_nic_link(qmp, &link.name, slot.nic, link.carrier && slot.state != LinkState::Failed).await;
+    }
+
+    /// Checks every stitched link's plumbing (`plumb::broken`) and restores what someone
+    /// else removed: the link is `failed` until it is stitched again and passes its
+    /// self-check (vrnetlab's silent dead datapath, its issue #504). Returns whether any
+    /// link's status changed.
+    pub async fn check_plumbing(&mut self) -> bool {
+        let mut changed = false;
+        for slot in &mut self.slots {
+            if !matches!(slot.state, LinkState::Up | LinkState::NoCarrier) {
+                continue;
+            }
+            let Some(stitch) = slot.stitch.as_mut() else { continue };
+            let Some(what) = plumb::broken(&self.handle, stitch).await else { continue };
+            tracing::warn!(link = %slot.name, nic = slot.nic, %what, "plumbing broken after ready; restoring it");
+            changed = true;
+            slot.repairs += 1;
+            slot.state = LinkState::Failed;
+            let link = stitch.link.clone();
+            if let Err(err) = plumb::restitch(&self.handle, stitch, &link).await {
+                tracing::error!(link = %slot.name, err = %crate::logging::error_chain(&err), "cannot restore the plumbing");
+                continue;
+            }
+            slot.state = match selfcheck::self_check(stitch).await {
+                Ok(check) => check_state(check),
+                Err(err) => {
+                    tracing::error!(link = %slot.name, %err, "self-check after restoring the plumbing failed");
+                    LinkState::Failed
+                }
+            };
+            tracing::info!(link = %slot.name, state = ?slot.state, "plumbing restored");
+        }
+        changed
     }
 
     /// Tells the VM the carrier of every link that has none now (at start, the NICs come up

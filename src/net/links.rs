@@ -299,6 +299,13 @@ impl LinkWatcher {
                     self.table.insert(link.index, link);
                 }
             }
+            // A port leaving a bridge is an RTM_DELLINK of family AF_BRIDGE (its bridge-port
+            // state goes); the link itself stays.
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link))
+                if link.header.interface_family == netlink_packet_route::AddressFamily::Bridge =>
+            {
+                debug!(index = link.header.index, "RTM_DELLINK of a bridge port's state; the link stays");
+            }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 debug!(index = link.header.index, "RTM_DELLINK");
                 self.table.remove(&link.header.index);

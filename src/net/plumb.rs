@@ -227,11 +227,11 @@ pub fn plan(mode: Plumbing, link: &Link, nic: u32) -> Vec<NetOp> {
     }
 }
 
-/// The steps that stitch `link`, back after it vanished, to the TAP (and bridge) still kept
-/// for VM NIC `nic`. tc: the TAP's ingress (whose redirect pointed at the vanished link) is
-/// made again, with the link's, both ways; bridge: the link joins the bridge again. `None`
-/// for macvtap, whose device went with its link. Pure.
-pub fn reattach_plan(mode: Plumbing, link: &Link, nic: u32) -> Option<Vec<NetOp>> {
+/// The steps that stitch `link` again to the TAP (and bridge) kept for VM NIC `nic`: when
+/// the link returns after it vanished, or when the plumbing was found broken after ready.
+/// tc: both ingress qdiscs (deleted first) with their redirects, both ways; bridge: both
+/// ports joined again. `None` for macvtap, whose device goes with its link. Pure.
+pub fn restitch_plan(mode: Plumbing, link: &Link, nic: u32) -> Option<Vec<NetOp>> {
     let tap = tap_name(nic);
     match mode {
         Plumbing::Tc => Some(vec![
@@ -240,7 +240,15 @@ pub fn reattach_plan(mode: Plumbing, link: &Link, nic: u32) -> Option<Vec<NetOp>
             NetOp::Redirect { from: link.name.clone(), to: tap.clone() },
             NetOp::Redirect { from: tap, to: link.name.clone() },
         ]),
-        Plumbing::Bridge => Some(vec![NetOp::Enslave { dev: link.name.clone(), bridge: bridge_name(nic) }]),
+        Plumbing::Bridge => {
+            let bridge = bridge_name(nic);
+            Some(vec![
+                NetOp::Enslave { dev: tap.clone(), bridge: bridge.clone() },
+                NetOp::Enslave { dev: link.name.clone(), bridge: bridge.clone() },
+                NetOp::SetUp { dev: tap },
+                NetOp::SetUp { dev: bridge },
+            ])
+        }
         Plumbing::Macvtap => None,
     }
 }
@@ -829,15 +837,65 @@ pub async fn unstitch(handle: &Handle, stitch: &Stitch) -> Result<(), PlumbError
     result
 }
 
-/// Stitches `link`, back after it vanished, to the TAP `stitch` kept for its VM NIC (the
-/// multifunction NIC layout never unplugs a NIC, so its TAP outlives the link; see
-/// [`reattach_plan`]). On failure, removes what it made for the link.
-pub async fn reattach(handle: &Handle, stitch: &mut Stitch, link: &Link) -> Result<(), PlumbError> {
-    let Some(steps) = reattach_plan(stitch.mode, link, stitch.nic) else {
+/// What of `stitch`'s plumbing is gone, if anything: a redirect filter (or its ingress qdisc)
+/// on the link or the TAP (tc), a port of the bridge (bridge), the macvtap (macvtap). Only
+/// reads.
+pub async fn broken(handle: &Handle, stitch: &Stitch) -> Option<String> {
+    let (link, device) = ((stitch.link.name.as_str(), stitch.link.index), (stitch.device.as_str(), stitch.device_index));
+    match stitch.mode {
+        Plumbing::Tc => {
+            for (name, index) in [link, device] {
+                let filters: Vec<TcMessage> = handle
+                    .clone()
+                    .traffic_filter(index as i32)
+                    .get()
+                    .ingress()
+                    .execute()
+                    .filter_map(|m| async move { m.ok() })
+                    .collect()
+                    .await;
+                if !filters.iter().any(|f| TcHandle::from(f.header.info).major == FILTER_PRIORITY) {
+                    return Some(format!("the redirect filter on {name}'s ingress is gone"));
+                }
+            }
+            None
+        }
+        Plumbing::Bridge => {
+            let bridge = nix::net::if_::if_nametoindex(bridge_name(stitch.nic).as_str()).ok();
+            for (name, index) in [link, device] {
+                let master = controller_of(handle, index).await;
+                if bridge.is_none() || master != bridge {
+                    return Some(format!("{name} is no longer a port of {}", bridge_name(stitch.nic)));
+                }
+            }
+            None
+        }
+        Plumbing::Macvtap => nix::net::if_::if_nametoindex(stitch.device.as_str())
+            .is_err()
+            .then(|| format!("the macvtap {} is gone", stitch.device)),
+    }
+}
+
+/// The bridge (controller) device `index` is a port of, if any.
+async fn controller_of(handle: &Handle, index: u32) -> Option<u32> {
+    let mut links = handle.link().get().match_index(index).execute();
+    let message = links.next().await?.ok()?;
+    message.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(master) => Some(*master),
+        _ => None,
+    })
+}
+
+/// Stitches `link` again to the TAP `stitch` kept for its VM NIC ([`restitch_plan`]): a link
+/// back after it vanished (the multifunction NIC layout never unplugs a NIC, so its TAP
+/// outlives the link), or plumbing found broken. On failure, removes what it made.
+pub async fn restitch(handle: &Handle, stitch: &mut Stitch, link: &Link) -> Result<(), PlumbError> {
+    let Some(steps) = restitch_plan(stitch.mode, link, stitch.nic) else {
         return Err(PlumbError::Reattach { link: link.name.clone(), nic: stitch.nic, mode: stitch.mode.as_str() });
     };
     if stitch.mode == Plumbing::Tc {
-        // The TAP's old redirect goes with its ingress qdisc.
+        // Old redirects go with their ingress qdiscs (the TAP's pointed at the link it had).
+        revert(handle, &Undo::DeleteIngress { name: link.name.clone(), index: link.index }).await?;
         revert(handle, &Undo::DeleteIngress { name: stitch.device.clone(), index: stitch.device_index }).await?;
     }
     let mut progress = Progress {
@@ -853,7 +911,7 @@ pub async fn reattach(handle: &Handle, stitch: &mut Stitch, link: &Link) -> Resu
             return Err(err);
         }
     }
-    info!(link = %link.name, nic = stitch.nic, mode = stitch.mode.as_str(), "returning link stitched to its kept NIC");
+    info!(link = %link.name, nic = stitch.nic, mode = stitch.mode.as_str(), "link stitched again to its kept NIC");
     stitch.undo.extend(progress.undo);
     stitch.link = link.clone();
     Ok(())

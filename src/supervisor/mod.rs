@@ -32,6 +32,9 @@ use crate::vm::snapshot::{self, restore};
 use crate::vm::{self, readiness, Accel};
 use stop::{Stop, REPRESS_INTERVAL};
 
+/// How often the data plane's kernel objects are checked once the guest is ready.
+const PLUMBING_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Health's reason while a VM that was ready is paused.
 const PAUSED: &str = "the VM is paused: its vCPUs stopped (a QMP `stop` on qmp.sock, or QEMU on an I/O error)";
 
@@ -245,6 +248,8 @@ impl Endpoint {
             Monitor::Ready(handle, events) => Box::pin(std::future::ready(Ok((handle, events)))),
         };
         let mut negotiating = true;
+        let mut plumbing_check = tokio::time::interval(PLUMBING_CHECK);
+        plumbing_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let deadline = stop.deadline();
@@ -297,6 +302,16 @@ impl Endpoint {
                     }
                     _ => {}
                 },
+                _ = plumbing_check.tick(), if dataplane.is_some()
+                    && stop == Stop::NotRequested
+                    && matches!(self.status.borrow().phase, Phase::Ready | Phase::Unready) =>
+                {
+                    if let Some(plane) = dataplane.as_mut() {
+                        if plane.check_plumbing().await {
+                            self.status.send_modify(|status| status.links = plane.statuses());
+                        }
+                    }
+                }
                 Some(()) = ready_rx.recv() => {
                     if stop == Stop::NotRequested && matches!(self.status.borrow().phase, Phase::Booting | Phase::Unready) {
                         self.set_phase(Phase::Ready, None);

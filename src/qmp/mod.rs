@@ -65,6 +65,14 @@ pub enum QmpError {
         #[from]
         source: std::io::Error,
     },
+    /// QEMU did not answer a command in time (it is wedged: stopped, or stuck in a device).
+    #[error("qemu did not answer {command} within {timeout:?}")]
+    NoAnswer {
+        /// The command.
+        command: String,
+        /// How long it waited.
+        timeout: Duration,
+    },
     /// QEMU did not greet in time after it started.
     #[error("qemu did not greet on qmp within {timeout:?}")]
     NoGreeting {
@@ -175,6 +183,11 @@ impl fmt::Debug for Qmp {
     }
 }
 
+/// How long any command waits for QEMU's reply: a QEMU that answers nothing for this long is
+/// wedged (stopped, or stuck in a device), and the caller must not wait with it. Commands that
+/// take long (migration) return at once and report progress through queries.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Reads QEMU's greeting, negotiates capabilities, and starts the tasks that own the stream.
 ///
 /// Returns the command handle and the event receiver. Must be called inside a tokio runtime
@@ -253,7 +266,11 @@ impl Qmp {
         let _guard = PendingGuard { pending: &self.link.pending, id };
         debug!(command = name, id, fds = fds.len(), "qmp command");
         self.link.requests.send(Request { line, fds }).map_err(|_| QmpError::Closed)?;
-        match receiver.await.map_err(|_| QmpError::Closed)? {
+        let timeout = self.link.command_timeout;
+        let reply = tokio::time::timeout(timeout, receiver)
+            .await
+            .map_err(|_| QmpError::NoAnswer { command: name.to_string(), timeout })?;
+        match reply.map_err(|_| QmpError::Closed)? {
             Reply::Return(value) => Ok(value),
             Reply::Error { class, desc } => Err(QmpError::Command { command: name.to_string(), class, desc }),
         }

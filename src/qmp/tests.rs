@@ -436,6 +436,7 @@ fn handles_and_futures_can_cross_tasks() {
                 requests: tokio::sync::mpsc::unbounded_channel().0,
                 pending: Arc::new(PendingTable::new()),
                 next_id: AtomicU64::new(1),
+                command_timeout: super::COMMAND_TIMEOUT,
                 passes_fds: false,
                 fd_command: tokio::sync::Mutex::new(()),
             }),
@@ -1058,3 +1059,22 @@ async fn unplug_fails_when_qemu_goes_away_while_waiting() {
 /// Real QEMU: these tests start `qemu-system-x86_64` from PATH and fail, not skip, when it is
 /// missing (Debian package `qemu-system-x86`).
 mod real_qemu;
+
+/// A wedged QEMU (stopped with SIGSTOP, or stuck in a device) answers nothing: a command ends
+/// with `NoAnswer` after `COMMAND_TIMEOUT` instead of hanging its caller, and leaves no
+/// entry behind.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_command_qemu_never_answers_ends_after_the_command_timeout() {
+    let (qmp, _events, mut peer) = connected().await;
+    let started = tokio::time::Instant::now();
+    let (result, request) = tokio::join!(qmp.query_status(), peer.request());
+    assert_eq!(request["execute"], "query-status");
+    match result {
+        Err(QmpError::NoAnswer { command, timeout }) => {
+            assert_eq!((command.as_str(), timeout), ("query-status", COMMAND_TIMEOUT));
+        }
+        other => panic!("expected NoAnswer, got {other:?}"),
+    }
+    assert!(started.elapsed() >= COMMAND_TIMEOUT);
+    assert!(qmp.link.pending.lock().waiting.is_empty(), "the abandoned command left its entry");
+}

@@ -32,6 +32,8 @@ pub(super) struct Link {
     pub(super) pending: Arc<PendingTable>,
     /// The next request `id`; QMP echoes it in the reply (qmp-spec, "Commands Responses").
     pub(super) next_id: AtomicU64,
+    /// How long a command waits for its reply ([`super::COMMAND_TIMEOUT`]).
+    pub(super) command_timeout: std::time::Duration,
     /// Whether the writer can attach descriptors: the stream is a Unix socket (`connect_unix`).
     pub(super) passes_fds: bool,
     /// Held from sending a `getfd` until its reply. QEMU's socket chardev keeps only the
@@ -230,6 +232,7 @@ where
         requests: requests_tx,
         pending,
         next_id: AtomicU64::new(1),
+        command_timeout: super::COMMAND_TIMEOUT,
         passes_fds,
         fd_command: tokio::sync::Mutex::new(()),
     };

@@ -4,7 +4,8 @@
 name=$(uname -n)
 echo
 echo "  vial endpoint \"$name\": Linux utility container (Debian bookworm)"
-echo "  python3, ansible, git, ip, ping, tcpdump, dig, curl, jq, vim, nano; sudo needs no password"
+echo "  python (3) with napalm, netmiko, PyEZ, jsnapy, robot, jinja2, yaml; ansible, git"
+echo "  ip, ping, tcpdump, dig, curl, jq, yq, xmllint, bat, vim, nano; sudo needs no password"
 if [ -d /antidote ]; then
     echo "  the lesson's files are in /antidote"
 fi

@@ -32,6 +32,7 @@ pub(crate) mod dockerfile;
 pub(crate) mod first_boot;
 mod frr;
 mod vendor;
+mod wheels;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -59,7 +60,8 @@ Options:
                    it needs qemu-system-x86 and qemu-utils
   --source FILE    the vendor disk image (cumulus: env VIAL_CUMULUS_SOURCE,
                    vqfx: env VIAL_VQFX_SOURCE)
-  --rebuild        ignore this command's caches (base image, root filesystem, first boot)
+  --rebuild        ignore this command's caches (base image, root filesystems, first boot,
+                   PyPI wheels)
   --no-cache       ignore Docker's layer cache too (docker build --no-cache)
   --print-dockerfile
                    print the profile's rendered Dockerfile and exit without building

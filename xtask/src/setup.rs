@@ -30,6 +30,22 @@ const PACKAGES: &[(&str, &str)] = &[
     ("shellcheck", "/usr/bin/shellcheck"),
 ];
 
+/// Debian's pip for `/usr/bin/python3` (python3-pip): it fetches the PyPI wheels of the
+/// plain-container images (`image::wheels`); without it, `python3` on the PATH must have pip.
+pub(crate) const DEBIAN_PIP: &str = "/usr/lib/python3/dist-packages/pip";
+
+/// Whether some Python can run `-m pip`: Debian's (a look at its files), else `python3` on
+/// the PATH (pyenv and the like), asked only when Debian's is missing.
+fn pip_installed() -> bool {
+    std::path::Path::new(DEBIAN_PIP).is_dir()
+        || Command::new("python3")
+            .args(["-m", "pip", "--version"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
 fn installed(package: &str, proof: &str) -> bool {
     let ok = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -51,6 +67,9 @@ pub(crate) fn run() -> Result<()> {
         .filter(|(package, proof)| !installed(package, proof))
         .map(|(package, _)| package.to_string())
         .collect();
+    if !pip_installed() {
+        missing.push("python3-pip".into());
+    }
     // QEMU's tools and emulator must come from one release: some machine images carry a
     // newer qemu-utils (from backports) that refuses to coexist with the release's
     // qemu-system, so install both from the release itself.

@@ -215,8 +215,9 @@ fn bgp_hub_routers_establish_ebgp_and_learn_every_loopback() {
         assert!(shown.lines().any(|l| l.contains("/usr/lib/frr/zebra")), "{name}: zebra does not run:\n{shown}");
         assert!(!shown.lines().any(|l| l.contains("/usr/lib/frr/zebra") && l.contains("sysrepo")), "{shown}");
         // ... and the console said which module was left out, and why.
-        let console = testkit::docker::stdout(&["exec", &format!("vial-bgp-hub-{name}"), "cat", "/run/vial/console.log"])
-            .unwrap_or_default();
+        let console =
+            testkit::docker::stdout(&["exec", &format!("vial-bgp-hub-{name}"), "cat", "/run/vial/console.log"])
+                .unwrap_or_default();
         assert!(
             console.contains("vial: FRR module sysrepo left out of zebra's command line")
                 && console.contains("does not ship it"),

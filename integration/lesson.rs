@@ -281,7 +281,10 @@ fn in_a_curriculum_checkout_the_metadata_of_the_images_a_lesson_uses_is_validate
     let (_root, lesson) = curriculum("curr-twice", &[("frr", FRR_IMAGE), ("frr-again", FRR_IMAGE)], "image: frr");
     let (code, out, err) = validate(&lesson);
     assert_eq!(code, 65, "{out}{err}");
-    assert!(format!("{out}{err}").contains("frr-again/image.meta.yaml:1:1: slug \"frr\" is taken by another image"), "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("frr-again/image.meta.yaml:1:1: slug \"frr\" is taken by another image"),
+        "{out}{err}"
+    );
 }
 
 #[test]

@@ -201,3 +201,36 @@ fn a_vm_paused_after_ready_turns_health_unready_with_the_reason_and_ready_again_
     assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(0), "{}", sandbox.log());
     assert_no_qemu_left(&sandbox);
 }
+
+#[test]
+fn sigterm_during_the_link_wait_ends_at_once_with_0_and_says_so_in_the_last_status() {
+    let mut sandbox = Sandbox::new("termwait");
+    let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1"), ("VIAL_LINK_TIMEOUT", "10m")], "");
+    wait_until(Duration::from_secs(30), "the wait for data links", || {
+        sandbox.status().filter(|s| s["state"] == "waiting-for-interfaces")
+    });
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(0), "a stop before the VM started exits 0\n{}", sandbox.log());
+    let (code, out) = sandbox.health(&["--status"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("\"stopped\"") && out.contains("SIGTERM received before the VM started"), "{out}");
+    assert_no_qemu_left(&sandbox);
+}
+
+#[test]
+fn a_wedged_qemu_is_killed_and_vial_exits_3() {
+    let mut sandbox = Sandbox::new("wedged");
+    let vial = sandbox.start(&[("VIAL_STOP_TIMEOUT", "2s")], "");
+    sandbox.wait_ready();
+    let qemu = wait_until(Duration::from_secs(10), "qemu as vial's child", || children(vial).first().copied());
+    // QEMU answers nothing now, not the power button, not `quit`: every QMP command of the
+    // stop is bounded, and SIGKILL ends it.
+    signal(qemu, Signal::SIGSTOP);
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(3), "a wedged qemu is killed: exit 3\n{}", sandbox.log());
+    let (_, out) = sandbox.health(&["--status"]);
+    assert!(out.contains("\"state\""), "no last status: {out}");
+    assert_no_qemu_left(&sandbox);
+}

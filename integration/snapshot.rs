@@ -214,3 +214,38 @@ fn a_snapshot_that_does_not_fit_or_does_not_load_gives_a_cold_boot_that_says_why
     let (boot_status, _) = start_once(&mut sandbox, &[("VIAL_SNAPSHOT", "off")]);
     assert_eq!(boot_status, serde_json::json!({"from": "cold", "note": null}));
 }
+
+#[test]
+fn sigterm_during_a_snapshot_load_removes_the_loading_qemu_and_exits_0() {
+    let mut sandbox = Sandbox::new("termload");
+    // A QEMU that, once `hold` exists, stops itself as it starts to load a snapshot: vial is
+    // then inside the load, waiting for it.
+    let hold = sandbox.dir.path().join("hold");
+    let wrapper = sandbox.dir.path().join("qemu-that-holds");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" -incoming \"*) [ -e {} ] && kill -STOP $$ ;; esac\nexec qemu-system-x86_64 \"$@\"\n",
+            hold.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let qemu = ("VIAL_QEMU", wrapper.to_str().unwrap());
+    capture_with(&sandbox, &[qemu]);
+
+    std::fs::write(&hold, "").unwrap();
+    let vial = sandbox.start(&[qemu], "");
+    let needle = sandbox.run_dir.display().to_string();
+    wait_until(Duration::from_secs(30), "the snapshot's qemu, held as it loads", || {
+        processes_mentioning(&needle).into_iter().find(|&pid| proc_state(pid) == Some('T'))
+    });
+    signal(vial, Signal::SIGTERM);
+    let exit = sandbox.wait(STOP_TIMEOUT);
+    assert_eq!(exit.code(), Some(0), "a stop during the load exits 0\n{}", sandbox.log());
+    let (_, out) = sandbox.health(&["--status"]);
+    assert!(out.contains("\"stopped\"") && out.contains("SIGTERM received before the VM started"), "{out}");
+    wait_until(Duration::from_secs(10), "the held qemu to be gone", || {
+        processes_mentioning(&needle).is_empty().then_some(())
+    });
+}

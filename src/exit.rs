@@ -110,6 +110,8 @@ impl SetupError {
 pub enum Outcome {
     /// The guest powered itself off (on request or on its own) and QEMU exited: 0.
     GuestPoweredOff,
+    /// A stop request (SIGTERM, SIGINT) arrived before the VM started: 0.
+    StoppedBeforeStart,
     /// The guest ignored the ACPI power button for the whole stop timeout; QEMU was told to
     /// `quit` over QMP and did: 2.
     QuitAfterStopTimeout,
@@ -139,7 +141,7 @@ impl Outcome {
     /// The process exit code for this outcome.
     pub fn code(self) -> i32 {
         match self {
-            Outcome::GuestPoweredOff => 0,
+            Outcome::GuestPoweredOff | Outcome::StoppedBeforeStart => 0,
             Outcome::QuitAfterStopTimeout => 2,
             Outcome::KilledQemu => 3,
             Outcome::QemuCrashed => 4,
@@ -158,6 +160,7 @@ impl Outcome {
     pub fn describe(self) -> String {
         match self {
             Outcome::GuestPoweredOff => "guest powered off".into(),
+            Outcome::StoppedBeforeStart => "stopped before the VM started".into(),
             Outcome::QuitAfterStopTimeout => "guest ignored the power button; qemu quit after the stop timeout".into(),
             Outcome::KilledQemu => "qemu did not quit and was killed".into(),
             Outcome::QemuCrashed => "qemu exited unexpectedly".into(),
@@ -181,6 +184,7 @@ mod tests {
     fn exit_code_table() {
         let table = [
             (Outcome::GuestPoweredOff, 0),
+            (Outcome::StoppedBeforeStart, 0),
             (Outcome::QuitAfterStopTimeout, 2),
             (Outcome::KilledQemu, 3),
             (Outcome::QemuCrashed, 4),

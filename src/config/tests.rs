@@ -282,9 +282,10 @@ fn the_nic_layout_is_checked_against_the_links_and_the_machine() {
     assert_eq!((p.field.as_str(), p.value.as_str()), ("network.nic_layout", "multifunction"));
     // The environment reaches the same check, named by its variable's field.
     let (file, path) = repo_profile("linux");
-    let err = Config::from_file(file, path, &env(&[("VIAL_NIC_LAYOUT", "multifunction"), ("VIAL_DATA_IFACES", "9")]), "x")
-        .unwrap_err()
-        .to_string();
+    let err =
+        Config::from_file(file, path, &env(&[("VIAL_NIC_LAYOUT", "multifunction"), ("VIAL_DATA_IFACES", "9")]), "x")
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("VIAL_DATA_IFACES") || err.contains("network.data_nics"), "{err}");
     assert!(err.contains("at most 7"), "{err}");
 }

@@ -119,7 +119,8 @@ mod tests {
                 let credentials = file.credentials.expect("a VM image with metadata has credentials");
                 assert_eq!(login, (credentials.user.as_str(), credentials.password.as_str()), "{slug}");
             } else {
-                let dockerfile = std::fs::read_to_string(root.join("dockerfiles").join(name).join("Dockerfile")).unwrap();
+                let dockerfile =
+                    std::fs::read_to_string(root.join("dockerfiles").join(name).join("Dockerfile")).unwrap();
                 let label = format!("vial.credentials=\"{}/{}\"", login.0, login.1);
                 assert!(dockerfile.contains(&label), "{slug}: the Dockerfile has no `{label}`");
             }

@@ -53,8 +53,11 @@ pub const GROUP_FWD_MASK: u16 = 0xfff8;
 /// The `br_netfilter` switches of a network namespace: while one is 1 (the default once
 /// the module is loaded, as Docker loads it), the bridge hands frames of that family to
 /// iptables, and first drops IPv4 it finds malformed (br_validate_ipv4).
-pub const BRIDGE_NF_SYSCTLS: [&str; 3] =
-    ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables", "net.bridge.bridge-nf-call-arptables"];
+pub const BRIDGE_NF_SYSCTLS: [&str; 3] = [
+    "net.bridge.bridge-nf-call-iptables",
+    "net.bridge.bridge-nf-call-ip6tables",
+    "net.bridge.bridge-nf-call-arptables",
+];
 
 /// Priority of the redirect filters (lower numbers match first; these are the only filters).
 const FILTER_PRIORITY: u16 = 1;
@@ -841,7 +844,8 @@ pub async fn unstitch(handle: &Handle, stitch: &Stitch) -> Result<(), PlumbError
 /// on the link or the TAP (tc), a port of the bridge (bridge), the macvtap (macvtap). Only
 /// reads.
 pub async fn broken(handle: &Handle, stitch: &Stitch) -> Option<String> {
-    let (link, device) = ((stitch.link.name.as_str(), stitch.link.index), (stitch.device.as_str(), stitch.device_index));
+    let (link, device) =
+        ((stitch.link.name.as_str(), stitch.link.index), (stitch.device.as_str(), stitch.device_index));
     match stitch.mode {
         Plumbing::Tc => {
             for (name, index) in [link, device] {

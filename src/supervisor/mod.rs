@@ -30,7 +30,11 @@ use crate::vm::qemu::{self, Start};
 use crate::vm::snapshot::restore::SnapshotNics;
 use crate::vm::snapshot::{self, restore};
 use crate::vm::{self, readiness, Accel};
-use stop::{Stop, REPRESS_INTERVAL};
+use stop::{Stop, StopAction, StopInput};
+
+/// How long a stop's QMP command (`system_powerdown`, `quit`) may hold the loop: a wedged
+/// QEMU answers nothing, and the ladder's deadlines must still be met.
+const STOP_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often the data plane's kernel objects are checked once the guest is ready.
 const PLUMBING_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -40,6 +44,18 @@ const PAUSED: &str = "the VM is paused: its vCPUs stopped (a QMP `stop` on qmp.s
 
 /// QMP negotiation as the supervision loop awaits it: the connection, or why there is none.
 type Negotiation = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(qmp::Qmp, qmp::Events), qmp::QmpError>>>>;
+
+/// How setup ended.
+enum Setup {
+    /// QEMU runs.
+    Launched(u32, Monitor),
+    /// A step failed.
+    Failed(SetupError),
+    /// SIGTERM or SIGINT arrived first: a clean stop, nothing to power off.
+    Stopped(Signal),
+    /// SIGQUIT arrived first.
+    Forced(Signal),
+}
 
 /// vial's control monitor as setup hands it to the supervision loop.
 enum Monitor {
@@ -114,12 +130,28 @@ impl Endpoint {
 
     async fn run(mut self) -> Outcome {
         let setup = match Signals::register() {
-            Ok(signals) => self.setup_and_launch().await.map(|launched| (signals, launched)),
-            Err(err) => Err(SetupError::Signals(err)),
+            Ok(mut signals) => match self.setup_unless_stopped(&mut signals).await {
+                Setup::Launched(qemu_pid, monitor) => Ok((signals, qemu_pid, monitor)),
+                Setup::Failed(err) => Err(Some(err)),
+                Setup::Stopped(signal) => {
+                    tracing::info!(signal = signal.as_str(), "stop requested before the VM started");
+                    self.set_phase(Phase::Stopped, Some(format!("{} received before the VM started", signal.as_str())));
+                    Err(None)
+                }
+                Setup::Forced(signal) => {
+                    tracing::warn!(signal = signal.as_str(), "forced stop before the VM started");
+                    self.set_phase(Phase::Stopped, Some(format!("{} received before the VM started", signal.as_str())));
+                    let outcome = Outcome::ForcedBySignal(signal as i32);
+                    self.teardown(outcome).await;
+                    return outcome;
+                }
+            },
+            Err(err) => Err(Some(SetupError::Signals(err))),
         };
         let outcome = match setup {
-            Ok((mut signals, (qemu_pid, monitor))) => self.supervise(qemu_pid, monitor, &mut signals).await,
-            Err(err) => {
+            Ok((mut signals, qemu_pid, monitor)) => self.supervise(qemu_pid, monitor, &mut signals).await,
+            Err(None) => Outcome::StoppedBeforeStart,
+            Err(Some(err)) => {
                 let message = crate::logging::error_chain(&err);
                 tracing::error!("{message}");
                 self.set_phase(Phase::Failed, Some(message));
@@ -128,6 +160,38 @@ impl Endpoint {
         };
         self.teardown(outcome).await;
         outcome
+    }
+
+    /// Runs setup inside the same signal and reaper loop as supervision: a stop request
+    /// during any setup step (the wait for data links, a snapshot's load) ends it at once, and
+    /// orphans are collected meanwhile. Dropping the setup future cancels the step it was in;
+    /// what that step made goes with it or with [`Endpoint::teardown`].
+    async fn setup_unless_stopped(&mut self, signals: &mut Signals) -> Setup {
+        let status = self.status.subscribe();
+        let launch = self.setup_and_launch();
+        tokio::pin!(launch);
+        loop {
+            tokio::select! {
+                result = &mut launch => return match result {
+                    Ok((qemu_pid, monitor)) => Setup::Launched(qemu_pid, monitor),
+                    Err(err) => Setup::Failed(err),
+                },
+                _ = signals.term.recv() => return Setup::Stopped(Signal::SIGTERM),
+                _ = signals.int.recv() => return Setup::Stopped(Signal::SIGINT),
+                _ = signals.quit.recv() => return Setup::Forced(Signal::SIGQUIT),
+                _ = signals.child.recv() => {
+                    let count = reaper::reap_orphans();
+                    if count > 0 {
+                        tracing::debug!(count, "reaped orphans during setup");
+                    }
+                }
+                _ = signals.hup.recv() => tracing::info!("SIGHUP ignored (vial has no configuration to reload; restart the container instead)"),
+                _ = signals.usr1.recv() => {
+                    let json = status.borrow().to_json(Instant::now());
+                    tracing::info!(status = %json, "status on SIGUSR1");
+                }
+            }
+        }
     }
 
     /// Every setup step, in order; the first failure ends the run with its outcome.
@@ -330,41 +394,16 @@ impl Endpoint {
                         return self.qemu_ended(ended, stop);
                     }
                 }
-                _ = signals.term.recv() => stop = self.on_stop_signal(Signal::SIGTERM, stop, qemu_pid, qmp_handle.as_ref()).await,
-                _ = signals.int.recv() => stop = self.on_stop_signal(Signal::SIGINT, stop, qemu_pid, qmp_handle.as_ref()).await,
-                _ = signals.quit.recv() => stop = stop::force(Signal::SIGQUIT, qemu_pid),
+                _ = signals.term.recv() => stop = self.advance(stop, StopInput::Request(Signal::SIGTERM), qemu_pid, qmp_handle.as_ref()).await,
+                _ = signals.int.recv() => stop = self.advance(stop, StopInput::Request(Signal::SIGINT), qemu_pid, qmp_handle.as_ref()).await,
+                _ = signals.quit.recv() => stop = self.advance(stop, StopInput::Force(Signal::SIGQUIT), qemu_pid, qmp_handle.as_ref()).await,
                 _ = signals.hup.recv() => tracing::info!("SIGHUP ignored (vial has no configuration to reload; restart the container instead)"),
                 _ = signals.usr1.recv() => {
                     let json = self.status.borrow().to_json(Instant::now());
                     tracing::info!(status = %json, "status on SIGUSR1");
                 }
                 _ = sleep_until(deadline) => {
-                    stop = match stop {
-                        Stop::PoweringDown { deadline, .. } if Instant::now() < deadline => {
-                            if let Some(handle) = &qmp_handle {
-                                tracing::debug!("pressing the power button again");
-                                press_power_button(handle).await;
-                            }
-                            Stop::PoweringDown { deadline, repress: Instant::now() + REPRESS_INTERVAL }
-                        }
-                        Stop::PoweringDown { .. } => {
-                            tracing::warn!(timeout = ?profile.stop_timeout, "guest did not power off in time; sending quit");
-                            match &qmp_handle {
-                                Some(handle) => {
-                                    if let Err(err) = handle.quit().await {
-                                        tracing::warn!(%err, "qmp quit failed");
-                                    }
-                                    Stop::Quitting { deadline: Instant::now() + stop::QUIT_GRACE }
-                                }
-                                None => stop::kill(qemu_pid),
-                            }
-                        }
-                        Stop::Quitting { .. } => {
-                            tracing::warn!("qemu did not quit in time; killing it");
-                            stop::kill(qemu_pid)
-                        }
-                        other => other,
-                    };
+                    stop = self.advance(stop, StopInput::Tick, qemu_pid, qmp_handle.as_ref()).await;
                 }
             }
         }
@@ -424,25 +463,52 @@ impl Endpoint {
                 if let Some(task) = probe_task.take() {
                     task.abort();
                 }
-                self.set_phase(Phase::Unready, Some("the VM resumed; waiting for the guest to answer its probe".into()));
+                self.set_phase(
+                    Phase::Unready,
+                    Some("the VM resumed; waiting for the guest to answer its probe".into()),
+                );
                 *probe_task = Some(self.start_liveness_probe(ready_tx.clone()));
             }
             _ => {}
         }
     }
 
-    async fn on_stop_signal(&self, signal: Signal, stop: Stop, qemu_pid: u32, qmp_handle: Option<&qmp::Qmp>) -> Stop {
-        if stop != Stop::NotRequested {
-            tracing::warn!(signal = signal.as_str(), "second stop signal: forcing the stop");
-            return stop::force(signal, qemu_pid);
+    /// One step of the stop ladder ([`Stop::next`]): the new state, after carrying out its
+    /// action. Every QMP command here is bounded by [`STOP_COMMAND_TIMEOUT`], so a wedged QEMU
+    /// (kill -STOP) cannot hold the loop past its deadlines.
+    async fn advance(&self, stop: Stop, input: StopInput, qemu_pid: u32, qmp_handle: Option<&qmp::Qmp>) -> Stop {
+        if let (Stop::NotRequested, StopInput::Request(signal)) = (stop, input) {
+            tracing::info!(signal = signal.as_str(), timeout = ?self.config.profile.stop_timeout, "stopping: pressing the guest's power button");
+            self.set_phase(Phase::Stopping, Some(format!("{} received", signal.as_str())));
         }
-        tracing::info!(signal = signal.as_str(), timeout = ?self.config.profile.stop_timeout, "stopping: pressing the guest's power button");
-        self.set_phase(Phase::Stopping, Some(format!("{} received", signal.as_str())));
-        if let Some(handle) = qmp_handle {
-            press_power_button(handle).await;
+        let (next, action) = stop.next(input, Instant::now(), self.config.profile.stop_timeout, qmp_handle.is_some());
+        match action {
+            StopAction::None => {}
+            StopAction::PressPowerButton => {
+                if let Some(handle) = qmp_handle {
+                    press_power_button(handle).await;
+                }
+            }
+            StopAction::Quit => {
+                tracing::warn!(timeout = ?self.config.profile.stop_timeout, "guest did not power off in time; sending quit");
+                if let Some(handle) = qmp_handle {
+                    match tokio::time::timeout(STOP_COMMAND_TIMEOUT, handle.quit()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => tracing::warn!(%err, "qmp quit failed"),
+                        Err(_) => tracing::warn!("qemu did not answer quit; it is killed after the grace"),
+                    }
+                }
+            }
+            StopAction::Kill => {
+                tracing::warn!("qemu did not quit in time (or cannot be asked to); killing it");
+                stop::kill(qemu_pid);
+            }
+            StopAction::ForceKill(signal) => {
+                tracing::warn!(signal = signal.as_str(), "forced stop: killing qemu");
+                stop::kill(qemu_pid);
+            }
         }
-        let now = Instant::now();
-        Stop::PoweringDown { deadline: now + self.config.profile.stop_timeout, repress: now + REPRESS_INTERVAL }
+        next
     }
 
     fn qemu_ended(&self, ended: Ended, stop: Stop) -> Outcome {
@@ -515,8 +581,10 @@ impl Endpoint {
 }
 
 async fn press_power_button(handle: &qmp::Qmp) {
-    if let Err(err) = handle.system_powerdown().await {
-        tracing::warn!(%err, "system_powerdown failed");
+    match tokio::time::timeout(STOP_COMMAND_TIMEOUT, handle.system_powerdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(%err, "system_powerdown failed"),
+        Err(_) => tracing::warn!("qemu did not answer system_powerdown (wedged?); the ladder goes on"),
     }
 }
 

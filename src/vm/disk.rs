@@ -105,10 +105,19 @@ pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, base: Base<'_>) -> Res
                 Base::Layers(dir) => overlay_args(&overlay_path(dir, i), "qcow2", &overlay),
                 Base::Image => overlay_args(&disk.path, &disk.format, &overlay),
             };
-            let output = Command::new("qemu-img").args(args).output().map_err(|err| match err.kind() {
-                std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
-                _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
-            })?;
+            let mut command = Command::new("qemu-img");
+            command.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            let output = crate::reaper::spawn_own(&mut command, Command::spawn)
+                .and_then(|child| {
+                    let pid = child.id();
+                    let output = child.wait_with_output();
+                    crate::reaper::disown(pid);
+                    output
+                })
+                .map_err(|err| match err.kind() {
+                    std::io::ErrorKind::NotFound => OverlayError::QemuImgMissing,
+                    _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
+                })?;
             if !output.status.success() {
                 return Err(OverlayError::Create {
                     base: disk.path.clone(),

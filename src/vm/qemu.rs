@@ -107,16 +107,25 @@ pub fn probe_sandbox_early(binary: &str) {
 }
 
 fn probe_sandbox(binary: &str) -> Result<(), String> {
-    use std::io::Write;
     let binary = find_binary(binary).ok_or_else(|| format!("{binary} not found"))?;
-    let mut child = Command::new(&binary)
+    let mut command = Command::new(&binary);
+    command
         .args(["-sandbox", super::argv::SANDBOX, "-machine", "none", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-qmp", "stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stderr(Stdio::piped());
+    let mut child = crate::reaper::spawn_own(&mut command, Command::spawn)
         .map_err(|err| format!("cannot run {}: {err}", binary.display()))?;
+    let pid = child.id();
+    let result = finish_probe(&mut child);
+    crate::reaper::disown(pid);
+    result
+}
+
+/// Waits for the sandbox probe's QEMU (bounded) and reads its answer.
+fn finish_probe(child: &mut std::process::Child) -> Result<(), String> {
+    use std::io::Write;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
     }
@@ -151,8 +160,8 @@ pub fn spawn_qemu(argv: &[OsString], inherit: &[RawFd]) -> Result<Child, LaunchE
     command.args(&argv[1..]).stdin(Stdio::null());
     tracing::info!(binary = %binary.display(), "starting qemu");
     tracing::debug!(argv = ?argv, "qemu argv");
-    let child =
-        crate::sys::spawn_supervised(&mut command, inherit).map_err(|source| LaunchError::Spawn { binary, source })?;
+    let child = crate::reaper::spawn_own(&mut command, |command| crate::sys::spawn_supervised(command, inherit))
+        .map_err(|source| LaunchError::Spawn { binary, source })?;
     // `spawn` returns once the exec succeeded (std waits on a close-on-exec pipe).
     tracing::info!(pid = child.id(), "qemu started");
     Ok(child)
@@ -269,6 +278,7 @@ pub fn kill_and_reap(pid: u32) {
     use nix::unistd::Pid;
     let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
     let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+    crate::reaper::disown(pid);
 }
 
 #[cfg(test)]

@@ -147,7 +147,8 @@ pub(crate) fn load_profile(name: &str) -> Result<ImageProfile> {
         container::IMAGES.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
     );
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let file = ProfileFile::parse(&text, &path.display().to_string()).map_err(|problem| anyhow::anyhow!("{problem}"))?;
+    let file =
+        ProfileFile::parse(&text, &path.display().to_string()).map_err(|problem| anyhow::anyhow!("{problem}"))?;
     let description = file.description.clone();
     let config = Config::from_file(file, PathBuf::from(IMAGE_PROFILE_PATH), &Overrides::default(), name)
         .map_err(|err| anyhow::anyhow!("{} is not a valid profile:\n{err}", path.display()))?;

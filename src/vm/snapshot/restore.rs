@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use super::{check_fits, file_stamps, load_manifest, machine_argv, SnapshotError, VMSTATE};
 use crate::config::{Config, Snapshot};
 use crate::qmp::{self, HotplugNic, Qmp};
+use crate::vm::argv::DataNic;
 use crate::vm::disk::{self, Base};
 use crate::vm::qemu::{self, Start};
-use crate::vm::argv::DataNic;
 use crate::vm::{argv, Accel};
 
 /// How the data NICs reach a guest started from its snapshot, which has none.
@@ -97,19 +97,35 @@ pub async fn restore(
         }
     };
     let loading = Instant::now();
-    match load(config, started.control, &manifest.qemu, &vmstate, share.is_some(), &hotplug).await {
-        Ok((qmp, events)) => {
-            tracing::info!(elapsed = ?loading.elapsed(), "snapshot loaded and resumed");
-            Ok(Restored { pid: started.pid, qmp, events, created: started.created })
+    // Until the guest runs, this QEMU and what it was started with go with any way out: a
+    // failure, or the caller dropping this future (a stop requested during the load).
+    let mut guard = Loading { config, pid: started.pid, created: started.created.clone(), armed: true };
+    let loaded = load(config, started.control, &manifest.qemu, &vmstate, share.is_some(), &hotplug).await;
+    let (qmp, events) = loaded?;
+    guard.armed = false;
+    tracing::info!(elapsed = ?loading.elapsed(), "snapshot loaded and resumed");
+    Ok(Restored { pid: started.pid, qmp, events, created: started.created })
+}
+
+/// A QEMU loading a snapshot, and the files and overlays it was started with: removed on
+/// drop unless disarmed (the guest runs).
+struct Loading<'a> {
+    config: &'a Config,
+    pid: u32,
+    created: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
         }
-        Err(err) => {
-            qemu::kill_and_reap(started.pid);
-            for path in &started.created {
-                let _ = std::fs::remove_file(path);
-            }
-            disk::remove_all(&profile.disks, &config.state_dir);
-            Err(err)
+        qemu::kill_and_reap(self.pid);
+        for path in &self.created {
+            let _ = std::fs::remove_file(path);
         }
+        disk::remove_all(&self.config.profile.disks, &self.config.state_dir);
     }
 }
 

@@ -200,3 +200,68 @@ fn a_tc_filter_deleted_after_ready_is_restored() {
 fn a_bridge_port_removed_after_ready_is_restored() {
     broken_plumbing_is_restored("bridge", &["ip", "link", "set", "dev", "eth1", "nomaster"]);
 }
+
+/// vial is killed (no clean-up runs) in a network namespace that survives, as a pod's does
+/// when its container restarts; a new vial in it cleans up what is vial's and starts. A
+/// device of someone else's on the same link is left alone.
+fn a_start_over_an_unclean_exit(mode: &str, leftover: &str, stacked: bool) {
+    let mut sandbox = Sandbox::new(&format!("left-{mode}"));
+    let peer = Netns::new(&format!("left-{mode}"));
+    let net = 100 + (sandbox.addr.octets()[2] % 100);
+    let (guest, outside) = (format!("198.18.{net}.2"), format!("198.18.{net}.1"));
+    veth_between(&sandbox.netns, "eth1", &peer.0, "eth1", 1500);
+    ip(&["-n", &peer.0, "addr", "add", &format!("{outside}/24"), "dev", "eth1"]);
+    // Not vial's, and must survive every start: a macvlan on the same link (tc mode only: a
+    // link with a macvlan can be neither a bridge port nor under a passthru macvtap), and a
+    // device whose name only starts like vial's.
+    if stacked {
+        ip(&["-n", &sandbox.netns, "link", "add", "link", "eth1", "name", "other0", "type", "macvlan", "mode", "bridge"]);
+    }
+    ip(&["-n", &sandbox.netns, "link", "add", "vbrother", "type", "bridge"]);
+    std::fs::write(sandbox.lesson.join("guest-init.sh"), format!("ip addr add {guest}/24 dev eth1\n")).unwrap();
+    std::fs::write(sandbox.lesson.join("hello.txt"), "over the data link").unwrap();
+    let env = [("VIAL_DATA_IFACES", "1"), ("VIAL_PLUMBING", mode)];
+    let vial = sandbox.start(&env, "");
+    sandbox.wait_ready();
+    signal(vial, Signal::SIGKILL);
+    sandbox.wait(Duration::from_secs(30));
+    let netns = sandbox.netns.clone();
+    let links = || {
+        let out = std::process::Command::new("ip").args(["-n", &netns, "-o", "link"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let qdiscs = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "tc", "qdisc", "show", "dev", "eth1"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(links().contains(leftover) || qdiscs().contains(leftover), "no leftover {leftover}:\n{}{}", links(), qdiscs());
+
+    let vial = sandbox.start(&env, "");
+    sandbox.wait_ready();
+    let url = format!("http://{guest}/hello.txt");
+    wait_until(BOOT_TIMEOUT, "the lesson file over the data link after the restart", || {
+        peer.exec(&["curl", "-sf", "-m", "2", "-o", "/dev/null", &url]).then_some(())
+    });
+    assert!(links().contains("vbrother"), "someone else's device was removed:\n{}", links());
+    assert!(!stacked || links().contains("other0@eth1"), "someone else's device was removed:\n{}", links());
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
+}
+
+#[test]
+fn a_start_over_an_unclean_exit_in_tc_mode_removes_the_old_ingress_qdisc() {
+    a_start_over_an_unclean_exit("tc", "ingress", true);
+}
+
+#[test]
+fn a_start_over_an_unclean_exit_in_bridge_mode_removes_the_old_bridge() {
+    a_start_over_an_unclean_exit("bridge", "vbr1", false);
+}
+
+#[test]
+fn a_start_over_an_unclean_exit_in_macvtap_mode_removes_the_old_macvtap() {
+    a_start_over_an_unclean_exit("macvtap", "vmvt1", false);
+}

@@ -115,6 +115,10 @@ impl DataPlane {
         let mut watcher = LinkWatcher::start(&handle, mgmt).await?;
         let links = watcher.wait_for(profile.data_nics as usize, profile.link_timeout).await?;
         tracing::info!(links = ?links.iter().map(|l| &l.name).collect::<Vec<_>>(), "data links present");
+        let removed = plumb::remove_leftovers(&handle, &links).await;
+        if !removed.is_empty() {
+            tracing::info!(?removed, "removed what an earlier vial left behind (it did not exit cleanly)");
+        }
         let mut plane =
             DataPlane { handle, watcher, mode: profile.plumbing, layout: profile.nic_layout, slots: Vec::new() };
         for link in links {

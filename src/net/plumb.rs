@@ -33,7 +33,8 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption, TcActionOption, TcActionType,
-    TcAttribute, TcFilterMatchAll, TcFilterMatchAllOption, TcHandle, TcMessage, TcMirror, TcMirrorActionType, TcOption,
+    TcAttribute, TcFilterMatchAll, TcFilterMatchAllOption, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
+    TcMirrorActionType, TcOption,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
@@ -838,6 +839,80 @@ pub async fn unstitch(handle: &Handle, stitch: &Stitch) -> Result<(), PlumbError
     let result = revert_all(handle, &stitch.undo).await;
     info!(link = %stitch.link.name, nic = stitch.nic, ok = result.is_ok(), "data link unstitched");
     result
+}
+
+/// Removes what an earlier vial left in this network namespace when it could not clean up
+/// (killed, in a namespace that outlived it, as a pod's does when its container restarts):
+/// every device named like vial's (`vtap`, `vbr`, `vmvt` and a number), and an ingress qdisc on
+/// a data link in `links` whose every filter is a redirect to a device that no longer exists
+/// (its TAP went with the old QEMU). Nothing else is touched: a qdisc with any other filter is
+/// someone else's, and stitching then says so. Returns what it removed, for the log.
+pub async fn remove_leftovers(handle: &Handle, links: &[Link]) -> Vec<String> {
+    let mut removed = Vec::new();
+    if let Ok(all) = crate::net::links::list_links(handle).await {
+        for link in all.iter().filter(|l| crate::net::links::is_own(&l.name)) {
+            if revert(handle, &Undo::DeleteLink { name: link.name.clone(), index: link.index }).await.is_ok() {
+                removed.push(link.name.clone());
+            }
+        }
+    }
+    for link in links {
+        let filters: Vec<TcMessage> = handle
+            .clone()
+            .traffic_filter(link.index as i32)
+            .get()
+            .ingress()
+            .execute()
+            .filter_map(|m| async move { m.ok() })
+            .collect()
+            .await;
+        let targets: Vec<Option<u32>> = filters.iter().filter(|f| !f.attributes.is_empty()).map(redirect_target).collect();
+        // The kernel reports a redirect whose device is gone with index 0 (tc shows `*`).
+        let dangling = |target: &Option<u32>| {
+            target.is_some_and(|index| index == 0 || nix::net::if_::if_indextoname(index).is_err())
+        };
+        // u32 lists its hash table as filters of their own, without actions: only the
+        // filters with an action decide.
+        let with_action: Vec<&Option<u32>> = targets.iter().filter(|t| t.is_some()).collect();
+        let has_foreign = filters.iter().any(|f| !f.attributes.is_empty() && !is_vial_shaped(f));
+        debug!(link = %link.name, filters = filters.len(), ?targets, has_foreign, "ingress filters of a data link at start");
+        if !with_action.is_empty() && with_action.iter().all(|t| dangling(t)) && !has_foreign {
+            if revert(handle, &Undo::DeleteIngress { name: link.name.clone(), index: link.index }).await.is_ok() {
+                removed.push(format!("the ingress qdisc of {}", link.name));
+            }
+        }
+    }
+    removed
+}
+
+/// The device a filter's `mirred` action redirects to, if it has one.
+fn redirect_target(filter: &TcMessage) -> Option<u32> {
+    let actions = filter.attributes.iter().find_map(|a| match a {
+        TcAttribute::Options(options) => options.iter().find_map(|o| match o {
+            TcOption::U32(TcFilterU32Option::Action(actions)) => Some(actions.clone()),
+            TcOption::MatchAll(TcFilterMatchAllOption::Action(actions)) => Some(actions.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })?;
+    actions.iter().find_map(|action| {
+        action.attributes.iter().find_map(|a| match a {
+            TcActionAttribute::Options(options) => options.iter().find_map(|o| match o {
+                TcActionOption::Mirror(TcActionMirrorOption::Parms(mirror)) => Some(mirror.ifindex),
+                _ => None,
+            }),
+            _ => None,
+        })
+    })
+}
+
+/// Whether `filter` is of the kind vial installs: `u32` or `matchall` at vial's priority.
+fn is_vial_shaped(filter: &TcMessage) -> bool {
+    let kind = filter.attributes.iter().find_map(|a| match a {
+        TcAttribute::Kind(kind) => Some(kind.as_str()),
+        _ => None,
+    });
+    TcHandle::from(filter.header.info).major == FILTER_PRIORITY && matches!(kind, Some("u32" | "matchall"))
 }
 
 /// What of `stitch`'s plumbing is gone, if anything: a redirect filter (or its ingress qdisc)

@@ -160,13 +160,14 @@ mod tests {
         assert!(here_document_scripts("echo hi").is_empty());
     }
 
-    /// Repository check: frr's first boot writes two scripts (vial-lesson-config and
-    /// vial-lesson-resumed), and lint finds them.
+    /// Repository check: frr's first boot writes three scripts (vial-lesson-config,
+    /// vial-lesson-resumed and vial-frr-exec), and lint finds them.
     #[test]
     fn finds_the_scripts_in_profiles() {
         let scripts = profile_scripts(&crate::project_root().join("vm-profiles")).unwrap();
         let frr = scripts.iter().filter(|(origin, _)| origin.contains("frr.toml")).count();
-        assert_eq!(frr, 2, "{scripts:#?}");
+        assert_eq!(frr, 3, "{scripts:#?}");
+        assert!(scripts.iter().any(|(_, script)| script.contains("all_wrap")), "{scripts:#?}");
     }
 
     /// Repository check: the scripts lint covers include CI's entry point and the guest's.

@@ -876,10 +876,10 @@ pub async fn remove_leftovers(handle: &Handle, links: &[Link]) -> Vec<String> {
         let with_action: Vec<&Option<u32>> = targets.iter().filter(|t| t.is_some()).collect();
         let has_foreign = filters.iter().any(|f| !f.attributes.is_empty() && !is_vial_shaped(f));
         debug!(link = %link.name, filters = filters.len(), ?targets, has_foreign, "ingress filters of a data link at start");
-        if !with_action.is_empty() && with_action.iter().all(|t| dangling(t)) && !has_foreign {
-            if revert(handle, &Undo::DeleteIngress { name: link.name.clone(), index: link.index }).await.is_ok() {
-                removed.push(format!("the ingress qdisc of {}", link.name));
-            }
+        let leftover = !with_action.is_empty() && with_action.iter().all(|t| dangling(t)) && !has_foreign;
+        if leftover && revert(handle, &Undo::DeleteIngress { name: link.name.clone(), index: link.index }).await.is_ok()
+        {
+            removed.push(format!("the ingress qdisc of {}", link.name));
         }
     }
     removed

@@ -172,6 +172,36 @@ fn linux_image_becomes_healthy_serves_the_lesson_and_stops_cleanly() {
 }
 
 #[test]
+fn linux_image_is_ready_again_after_docker_restart_and_after_docker_kill_and_start() {
+    let image = build_image("linux");
+    let lesson = temp_dir("image-restart");
+    std::fs::write(lesson.path().join("hello.txt"), "again").unwrap();
+    let network = network();
+    let container = run_endpoint(&image, &network, lesson.path(), &[]);
+    container.wait_healthy(BOOT_TIMEOUT);
+    let served = |container: &Container| {
+        let addr = container.address().unwrap();
+        wait_until(Duration::from_secs(30), "the lesson file", || http_get(addr, 80, "/hello.txt"))
+    };
+    assert_eq!(served(&container), "again");
+
+    // A clean restart: vial stops the guest, the container starts again over its own
+    // leftovers (run directory, sockets, last status).
+    docker::stdout(&["restart", container.name()]).unwrap();
+    container.wait_healthy(BOOT_TIMEOUT);
+    assert_eq!(served(&container), "again");
+
+    // An unclean one: vial gets no chance to clean up.
+    docker::stdout(&["kill", container.name()]).unwrap();
+    docker::stdout(&["start", container.name()]).unwrap();
+    container.wait_healthy(BOOT_TIMEOUT);
+    assert_eq!(served(&container), "again");
+    let status = container.status();
+    assert_eq!(status["state"], "ready", "{status}");
+    container.stop_cleanly();
+}
+
+#[test]
 fn frr_image_logs_in_over_ssh_runs_vtysh_took_dhcp_and_stops_cleanly() {
     let image = build_image("frr");
     let _turn = frr_turn();

@@ -86,9 +86,22 @@ pub fn has_overlays(disks: &[Disk], state_dir: &Path) -> bool {
     (0..disks.len()).any(|i| overlay_path(state_dir, i).exists())
 }
 
+/// The first bytes of every qcow2 file (`QFI\xfb`).
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Whether `path` starts like a qcow2 file: an overlay that does not (cut short by a crash
+/// while it was written, or not vial's) is made again rather than handed to QEMU.
+fn looks_like_qcow2(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut file| file.read_exact(&mut magic)).is_ok() && &magic == QCOW2_MAGIC
+}
+
 /// Creates (or keeps) an overlay for every disk in `state_dir` and returns their paths in
-/// order, each over `base`. Runs before QEMU starts, while no reaper owns `waitpid`, so a
-/// plain `Command::output` is safe.
+/// order, each over `base`. An overlay is written under a temporary name and renamed, so a
+/// crash never leaves a half-written one under its real name; one that does not look like a
+/// qcow2 file anyway is made again. qemu-img is one of vial's own children (the reaper
+/// leaves it to this wait).
 pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, base: Base<'_>) -> Result<Vec<PathBuf>, OverlayError> {
     if disks.is_empty() {
         return Ok(Vec::new());
@@ -97,13 +110,19 @@ pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, base: Base<'_>) -> Res
     let mut overlays = Vec::new();
     for (i, disk) in disks.iter().enumerate() {
         let overlay = overlay_path(state_dir, i);
+        let partial = overlay.with_extension("qcow2.partial");
+        let _ = std::fs::remove_file(&partial);
+        if overlay.is_file() && !looks_like_qcow2(&overlay) {
+            tracing::warn!(overlay = %overlay.display(), "an earlier run's overlay is not a qcow2 file (cut short?); making it again");
+            let _ = std::fs::remove_file(&overlay);
+        }
         if overlay.is_file() {
             tracing::info!(overlay = %overlay.display(), "keeping the overlay of an earlier run");
         } else {
             tracing::debug!(base = %disk.path.display(), overlay = %overlay.display(), "creating overlay");
             let args = match base {
-                Base::Layers(dir) => overlay_args(&overlay_path(dir, i), "qcow2", &overlay),
-                Base::Image => overlay_args(&disk.path, &disk.format, &overlay),
+                Base::Layers(dir) => overlay_args(&overlay_path(dir, i), "qcow2", &partial),
+                Base::Image => overlay_args(&disk.path, &disk.format, &partial),
             };
             let mut command = Command::new("qemu-img");
             command.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
@@ -119,11 +138,16 @@ pub fn prepare_overlays(disks: &[Disk], state_dir: &Path, base: Base<'_>) -> Res
                     _ => OverlayError::Create { base: disk.path.clone(), stderr: err.to_string() },
                 })?;
             if !output.status.success() {
+                let _ = std::fs::remove_file(&partial);
                 return Err(OverlayError::Create {
                     base: disk.path.clone(),
                     stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
                 });
             }
+            std::fs::rename(&partial, &overlay).map_err(|err| OverlayError::Create {
+                base: disk.path.clone(),
+                stderr: format!("renaming {} into place: {err}", partial.display()),
+            })?;
         }
         overlays.push(overlay);
     }
@@ -153,6 +177,12 @@ mod tests {
         assert!(overlays[0].is_file());
         // A second run keeps the first run's overlay.
         assert_eq!(prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"), Base::Image).unwrap(), overlays);
+        // A crash's leftovers: a half-written overlay under its real name, and a partial one.
+        std::fs::write(&overlays[0], b"QF").unwrap();
+        std::fs::write(overlays[0].with_extension("qcow2.partial"), b"junk").unwrap();
+        assert_eq!(prepare_overlays(std::slice::from_ref(&disk), &dir.join("state"), Base::Image).unwrap(), overlays);
+        assert!(looks_like_qcow2(&overlays[0]), "the cut-short overlay was kept");
+        assert!(!overlays[0].with_extension("qcow2.partial").exists(), "the partial overlay was left");
         remove_all(std::slice::from_ref(&disk), &dir.join("state"));
         assert!(!overlays[0].exists());
         assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), before);

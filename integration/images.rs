@@ -65,7 +65,7 @@ fn link() -> Network {
 /// `docker run -d` of an endpoint image on `network` with the lesson directory mounted.
 fn run_endpoint(image: &str, network: &Network, lesson: &Path, extra: &[&str]) -> Container {
     Container::run("vialimg-ep", network, |name| {
-        let mut own = vec!["-e", "VIAL_ACCEL=tcg"];
+        let mut own = vec![];
         own.extend_from_slice(extra);
         vial::contract::DockerRun { name, image, network: network.name(), lesson, extra: &own }.args()
     })

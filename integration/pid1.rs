@@ -33,7 +33,11 @@ fn boots_serves_the_lesson_over_9p_and_stops_cleanly_on_sigterm() {
     sandbox.wait_ready();
     let status = sandbox.status().expect("status");
     assert_eq!(status["state"], "ready", "{status}");
-    assert_eq!(status["accel"], "tcg");
+    // Nobody set VIAL_ACCEL: on this machine KVM opens but runs no guest, and vial saw that.
+    assert_eq!(status["accel"], "tcg", "{status}");
+    if std::path::Path::new("/dev/kvm").exists() {
+        assert!(status["accel_note"].as_str().unwrap_or("").contains("KVM"), "{status}");
+    }
     assert!(status["qemu_pid"].is_u64(), "{status}");
     assert_eq!(status["vm"], "running");
     assert_eq!(status["forwards"][0]["address"], sandbox.addr.to_string());

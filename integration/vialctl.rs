@@ -37,7 +37,6 @@ impl Lab {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(args)
-            .env("VIALCTL_ACCEL", "tcg")
             .stdin(Stdio::null())
             .output()
             .expect("running vialctl");

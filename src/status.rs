@@ -132,6 +132,8 @@ pub struct Status {
     pub qemu_pid: Option<u32>,
     /// `kvm` or `tcg`, once decided.
     pub accel: Option<String>,
+    /// Why `auto` chose TCG, when it did.
+    pub accel_note: Option<String>,
     /// The guest's run state as QMP last reported it (`running`, `paused`, `shutdown`, ...).
     pub vm_run_state: Option<String>,
     /// Forwarded management ports.
@@ -152,6 +154,7 @@ impl Status {
             started: Instant::now(),
             qemu_pid: None,
             accel: None,
+            accel_note: None,
             vm_run_state: None,
             forwards: Vec::new(),
             links: Vec::new(),
@@ -169,6 +172,7 @@ impl Status {
             "uptime_seconds": (uptime.as_millis() as f64) / 1000.0,
             "qemu_pid": self.qemu_pid,
             "accel": self.accel,
+            "accel_note": self.accel_note,
             "vm": self.vm_run_state,
             "forwards": self.forwards,
             "links": self.links,

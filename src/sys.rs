@@ -11,7 +11,9 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::Signal;
 
 // KVM's ioctls (linux/kvm.h): KVMIO = 0xAE.
-nix::ioctl_none!(kvm_get_api_version, 0xAE, 0x00);
+// KVM_GET_API_VERSION refuses any argument but 0 (kvm_dev_ioctl: `if (arg) goto out`), and
+// `ioctl_none!` passes none, leaving whatever the register held: pass 0 explicitly.
+nix::ioctl_write_int_bad!(kvm_get_api_version, nix::request_code_none!(0xAE, 0x00));
 nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(0xAE, 0x01));
 
 /// Whether KVM can create a VM here: `/dev/kvm` opens read-write, speaks API version 12, and
@@ -24,7 +26,7 @@ pub fn kvm_usable() -> Result<(), String> {
         .map_err(|err| format!("cannot open /dev/kvm: {err}"))?;
     // SAFETY: KVM_GET_API_VERSION takes no argument; the fd is open for the whole call.
     let version =
-        unsafe { kvm_get_api_version(kvm.as_raw_fd()) }.map_err(|err| format!("KVM_GET_API_VERSION: {err}"))?;
+        unsafe { kvm_get_api_version(kvm.as_raw_fd(), 0) }.map_err(|err| format!("KVM_GET_API_VERSION: {err}"))?;
     if version != 12 {
         return Err(format!("KVM API version {version}, expected 12"));
     }

@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, NicLayout};
+use crate::config::{AccelChoice, Config, NicLayout};
 use crate::exit::{Outcome, SetupError, TUN_DEVICE};
 use crate::health;
 use crate::net::dataplane::DataPlane;
@@ -209,11 +209,26 @@ impl Endpoint {
         }
         qemu::require_binary(&profile.qemu)?;
         qemu::probe_sandbox_early(&profile.qemu);
-        let (accel, fallback) = vm::resolve_accel(profile.accel, crate::sys::kvm_usable)?;
-        if let Some(reason) = fallback {
-            tracing::info!(%reason, "KVM not usable; using TCG");
+        let (mut accel, mut fallback) = vm::resolve_accel(profile.accel, crate::sys::kvm_usable)?;
+        // KVM opens; `auto` also wants a guest to start under it (see vm::accel).
+        if let (Accel::Kvm, AccelChoice::Auto, Some(boot)) = (accel, profile.accel, &profile.boot) {
+            let binary = qemu::require_binary(&profile.qemu)?;
+            let (machine, cpu) = (profile.machine_type.clone(), vm::argv::cpu_model(&profile, Accel::Kvm).to_string());
+            let kernel = boot.kernel.clone();
+            let probed =
+                tokio::task::spawn_blocking(move || vm::accel::probe_guest(&binary, &machine, &cpu, &kernel)).await;
+            if let Ok(Err(reason)) | Err(reason) = probed.map_err(|err| err.to_string()) {
+                accel = Accel::Tcg;
+                fallback = Some(reason);
+            }
         }
-        self.status.send_modify(|status| status.accel = Some(accel.as_str().into()));
+        if let Some(reason) = &fallback {
+            tracing::warn!(%reason, "KVM not usable; using TCG");
+        }
+        self.status.send_modify(|status| {
+            status.accel = Some(accel.as_str().into());
+            status.accel_note = fallback.clone();
+        });
 
         let mgmt_addr = crate::net::mgmt_address(&self.config.mgmt_iface)?;
         let forwards = profile

@@ -165,7 +165,7 @@ pub fn share_device(profile: &Profile, tag: &str) -> Device {
 }
 
 /// The CPU model for the accelerator: `host` exists only under KVM, so TCG gets `max`.
-fn cpu_model(profile: &Profile, accel: Accel) -> &str {
+pub fn cpu_model(profile: &Profile, accel: Accel) -> &str {
     match (profile.cpu.as_str(), accel) {
         ("host", Accel::Tcg) => "max",
         (model, _) => model,

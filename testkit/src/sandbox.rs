@@ -168,15 +168,14 @@ impl Sandbox {
         &self.vial
     }
 
-    /// What every run of `vial` in the sandbox gets: its profile, directories and name, and
-    /// TCG (DEVELOPERS.md: the machines here cannot run KVM guests).
+    /// What every run of `vial` in the sandbox gets: its profile, directories and name. The
+    /// accelerator is the profile's `auto`: vial finds out itself whether KVM runs guests.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("VIAL_PROFILE", self.profile.display().to_string()),
             ("VIAL_RUN_DIR", self.run_dir.display().to_string()),
             ("VIAL_STATE_DIR", self.dir.join("state").display().to_string()),
             ("VIAL_LESSON_DIR", self.lesson.display().to_string()),
-            ("VIAL_ACCEL", "tcg".into()),
             ("VIAL_NAME", self.name.clone()),
         ]
     }

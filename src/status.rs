@@ -140,6 +140,8 @@ pub struct Status {
     pub forwards: Vec<ForwardStatus>,
     /// Data links.
     pub links: Vec<LinkStatus>,
+    /// What is wrong with watching the links, when something is (the links stay stitched).
+    pub links_note: Option<String>,
     /// How the guest was started, once it was.
     pub boot: Option<BootStatus>,
 }
@@ -158,6 +160,7 @@ impl Status {
             vm_run_state: None,
             forwards: Vec::new(),
             links: Vec::new(),
+            links_note: None,
             boot: None,
         }
     }
@@ -176,6 +179,7 @@ impl Status {
             "vm": self.vm_run_state,
             "forwards": self.forwards,
             "links": self.links,
+            "links_note": self.links_note,
             "boot": self.boot,
         })
     }

@@ -327,6 +327,7 @@ impl Endpoint {
             Monitor::Ready(handle, events) => Box::pin(std::future::ready(Ok((handle, events)))),
         };
         let mut negotiating = true;
+        let mut watching_links = true;
         let mut plumbing_check = tokio::time::interval(PLUMBING_CHECK);
         plumbing_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -368,16 +369,18 @@ impl Endpoint {
                         events = None;
                     }
                 },
-                event = next_link_event(&mut dataplane), if qmp_handle.is_some() => match (event, &qmp_handle, &mut dataplane) {
+                event = next_link_event(&mut dataplane), if qmp_handle.is_some() && watching_links => match (event, &qmp_handle, &mut dataplane) {
                     (Ok(event), Some(handle), Some(plane)) => {
                         plane.on_event(event, handle, &profile, &self.config.name).await;
                         self.status.send_modify(|status| status.links = plane.statuses());
                     }
+                    // The running data plane stays as it is; only changes are no longer seen.
                     (Err(err), _, _) => {
-                        tracing::warn!(%err, "link events stopped; late links will not be plugged");
-                        if let Some(mut plane) = dataplane.take() {
-                            plane.teardown().await;
-                        }
+                        tracing::warn!(%err, "link events stopped; the links stay stitched, but late links will not be plugged");
+                        watching_links = false;
+                        self.status.send_modify(|status| {
+                            status.links_note = Some(format!("link events stopped ({err}): links that arrive or leave from now on are not seen"));
+                        });
                     }
                     _ => {}
                 },

@@ -4,6 +4,8 @@
 //! the guest the same way in both. The other sections are `bench::net` and `bench::images`.
 //!
 //! - supervisor overhead: from exec to QEMU started, and to QMP negotiated;
+//! - what `VIAL_ACCEL=auto`'s KVM guest probe adds to a start, against `tcg` (no probe);
+//! - time from SIGTERM to exit in each phase: waiting for links, booting, ready;
 //! - time to ready of the `linux` guest (TCG), direct against under vial;
 //! - vial's resident memory while the VM runs, and the static binary's size.
 
@@ -64,6 +66,8 @@ fn kill(child: &mut Child) {
 struct Bench {
     vial: PathBuf,
     dir: PathBuf,
+    /// `VIAL_ACCEL` for the launches under vial (the direct one is TCG, as vial picks).
+    accel: String,
 }
 
 impl Bench {
@@ -72,7 +76,7 @@ impl Bench {
             .env("VIAL_RUN_DIR", self.dir.join(run))
             .env("VIAL_STATE_DIR", self.dir.join("state"))
             .env("VIAL_LESSON_DIR", self.dir.join("lesson"))
-            .env("VIAL_ACCEL", "tcg")
+            .env("VIAL_ACCEL", &self.accel)
             .env("VIAL_MGMT_IFACE", "lo")
             .env("VIAL_NAME", "bench");
     }
@@ -170,6 +174,46 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Starts vial, waits for `phase` (`links`: waiting for a link that never comes;
+    /// `booting`: QEMU just started; `ready`), sends SIGTERM and returns the ms until it exited.
+    fn stop_time(&self, phase: &str) -> Result<f64> {
+        let mut cmd = Command::new(&self.vial);
+        self.env(&mut cmd, "run-vial");
+        if phase == "links" {
+            cmd.env("VIAL_DATA_IFACES", "1").env("VIAL_LINK_TIMEOUT", "10m");
+        }
+        cmd.env("VIAL_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut vial = cmd.spawn()?;
+        let (tx, rx) = mpsc::channel::<()>();
+        let stderr = vial.stderr.take().expect("piped");
+        let marker = match phase {
+            "links" => "waiting-for-interfaces",
+            _ => "qemu started",
+        };
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(marker) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let reached = match phase {
+            "ready" => wait_ready(start).map(drop),
+            _ => rx.recv_timeout(READY_TIMEOUT).map_err(|_| anyhow::anyhow!("vial never reached {phase}")),
+        };
+        if let Err(err) = reached {
+            kill(&mut vial);
+            return Err(err);
+        }
+        let stopping = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &vial.id().to_string()]).status();
+        vial.wait()?;
+        Ok(ms(stopping))
+    }
+}
+
 fn rejoin_append(argv: Vec<String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut iter = argv.into_iter().peekable();
@@ -218,8 +262,8 @@ pub(crate) fn run() -> Result<()> {
     // stitch any ethN it found, and the host's interfaces are not the bench's to touch. Every
     // round runs on the namespace's thread, so what it spawns lives in the namespace too.
     let namespace = Netns::new(Filesystem::Host).context("the bench's network namespace")?;
-    let bench = Bench { vial: vial.clone(), dir };
-    let (direct, vialed) = namespace.run(move |runtime, handle| -> Result<_> {
+    let bench = Bench { vial: vial.clone(), dir, accel: "tcg".into() };
+    let (direct, vialed, probed, stops) = namespace.run(move |runtime, handle| -> Result<_> {
         runtime
             .block_on(handle.link().set(LinkUnspec::new_with_name("lo").up().build()).execute())
             .context("bringing lo up in the bench's namespace")?;
@@ -237,7 +281,24 @@ pub(crate) fn run() -> Result<()> {
             direct.push(d);
             vialed.push(v);
         }
-        Ok((direct, vialed))
+        // The same launch with `auto`: its KVM guest probe is the only difference.
+        let mut bench = bench;
+        let mut probed = Vec::new();
+        for round in 1..=ROUNDS {
+            bench.accel = "auto".into();
+            let a = bench.under_vial().context("launch under vial with auto")?;
+            println!("round {round}: vial (auto) qemu {:.1} ms", a.qemu_started);
+            probed.push(a);
+        }
+        bench.accel = "tcg".into();
+        let mut stops = Vec::new();
+        for phase in ["links", "booting", "ready"] {
+            let times: Vec<f64> =
+                (0..3).map(|_| bench.stop_time(phase)).collect::<Result<_>>().with_context(|| format!("stop in {phase}"))?;
+            println!("stop in {phase}: {times:.0?} ms");
+            stops.push((phase, testkit::stats::median(times)));
+        }
+        Ok((direct, vialed, probed, stops))
     })?;
     drop(namespace);
     let d_exec = median_by(&direct, |m| m.qemu_started);
@@ -261,6 +322,14 @@ pub(crate) fn run() -> Result<()> {
         "  exec -> ready:          direct {d_ready:.0} ms, vial {v_ready:.0} ms: ratio {:.3} (target <= 1.05)",
         v_ready / d_ready
     );
+    let a_exec = median_by(&probed, |m| m.qemu_started);
+    println!(
+        "  KVM guest probe (auto against tcg): {a_exec:.1} ms against {v_exec:.1} ms to qemu started: it adds {:.1} ms (target < 50 ms)",
+        a_exec - v_exec
+    );
+    for (phase, median) in &stops {
+        println!("  SIGTERM -> exit while {phase}: {median:.0} ms");
+    }
     println!("  vial resident memory:   {:.1} MiB (max over rounds; target <= 10 MiB)", rss as f64 / 1024.0);
     println!("  static binary size:     {:.1} MiB (target <= 8 MiB)", size as f64 / (1024.0 * 1024.0));
     Ok(())

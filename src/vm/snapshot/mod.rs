@@ -64,6 +64,14 @@ pub enum SnapshotError {
         /// The snapshot's.
         was: String,
     },
+    /// The snapshot was made under KVM on another host CPU.
+    #[error("the snapshot was made under KVM on {was}; this host's CPU is {now}")]
+    HostCpu {
+        /// This host's.
+        now: String,
+        /// The snapshot's.
+        was: String,
+    },
     /// A file the guest sees changed.
     #[error("{} changed since the snapshot ({} bytes, mtime {}; the snapshot saw {} bytes, mtime {})", now.path.display(), now.bytes, now.modified, was.bytes, was.modified)]
     FileChanged {
@@ -155,6 +163,41 @@ pub struct Manifest {
     pub vmstate_bytes: u64,
     /// When it was made (seconds since the epoch).
     pub created: u64,
+    /// The host CPU it was made on, under KVM (where `-cpu host` gives the guest the host's
+    /// CPU); none under TCG, whose CPU models are the same on every host.
+    #[serde(default)]
+    pub host_cpu: Option<String>,
+}
+
+/// The host CPU a start under `accel` gives its guest, as far as a snapshot cares: `/proc/
+/// cpuinfo`'s model name and a digest of its flags under KVM; `None` under TCG.
+pub fn host_cpu(accel: Accel) -> Option<String> {
+    if accel != Accel::Kvm {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut digest: u32 = 0x811c_9dc5;
+    for byte in field("flags").bytes() {
+        digest = (digest ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+    }
+    Some(format!("{} (flags {digest:08x})", field("model name")))
+}
+
+/// Whether a snapshot made on `was` (see [`host_cpu`]) fits a start on `now`.
+pub fn check_host_cpu(was: Option<&str>, now: Option<&str>) -> Result<(), SnapshotError> {
+    match (was, now) {
+        (Some(was), Some(now)) if was != now => {
+            Err(SnapshotError::HostCpu { now: now.to_string(), was: was.to_string() })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The command line that defines the guest's machine, with everything that varies per
@@ -264,7 +307,21 @@ mod tests {
             files: file_stamps(profile),
             vmstate_bytes: 1,
             created: 0,
+            host_cpu: None,
         }
+    }
+
+    #[test]
+    fn a_kvm_snapshot_fits_only_the_host_cpu_it_was_made_on() {
+        check_host_cpu(None, None).unwrap();
+        check_host_cpu(Some("EPYC (flags 1)"), Some("EPYC (flags 1)")).unwrap();
+        let err = check_host_cpu(Some("EPYC (flags 1)"), Some("Xeon (flags 2)")).unwrap_err().to_string();
+        assert!(err.contains("made under KVM on EPYC") && err.contains("this host's CPU is Xeon"), "{err}");
+        assert_eq!(host_cpu(Accel::Tcg), None);
+        assert!(host_cpu(Accel::Kvm).is_some_and(|cpu| cpu.contains("flags")));
+        // Manifests written before the field existed still read.
+        let old = r#"{"format":1,"qemu":"7.2","machine":[],"files":[],"vmstate_bytes":1,"created":0}"#;
+        assert_eq!(serde_json::from_str::<Manifest>(old).unwrap().host_cpu, None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{check_fits, file_stamps, load_manifest, machine_argv, SnapshotError, VMSTATE};
+use super::{check_fits, check_host_cpu, file_stamps, host_cpu, load_manifest, machine_argv, SnapshotError, VMSTATE};
 use crate::config::{Config, Snapshot};
 use crate::qmp::{self, HotplugNic, Qmp};
 use crate::vm::argv::DataNic;
@@ -58,6 +58,7 @@ pub fn check(config: &Config, snapshot: &Snapshot, accel: Accel) -> Result<super
     let profile = &config.profile;
     let manifest = load_manifest(&snapshot.dir)?;
     check_fits(&manifest, &machine_argv(profile, accel, &config.qemu_args), &file_stamps(profile))?;
+    check_host_cpu(manifest.host_cpu.as_deref(), host_cpu(accel).as_deref())?;
     if disk::has_overlays(&profile.disks, &config.state_dir) {
         return Err(SnapshotError::OverlayKept);
     }

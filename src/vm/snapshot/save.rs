@@ -166,6 +166,7 @@ async fn save(
         files: file_stamps(profile),
         vmstate_bytes,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        host_cpu: super::host_cpu(accel),
     };
     let text = serde_json::to_vec_pretty(&manifest).expect("a manifest always serializes");
     // Written last: a directory with a manifest is a whole snapshot.

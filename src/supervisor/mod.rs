@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{AccelChoice, Config, NicLayout};
+use crate::config::{Config, NicLayout};
 use crate::exit::{Outcome, SetupError, TUN_DEVICE};
 use crate::health;
 use crate::net::dataplane::DataPlane;
@@ -209,19 +209,11 @@ impl Endpoint {
         }
         qemu::require_binary(&profile.qemu)?;
         qemu::probe_sandbox_early(&profile.qemu);
-        let (mut accel, mut fallback) = vm::resolve_accel(profile.accel, crate::sys::kvm_usable)?;
-        // KVM opens; `auto` also wants a guest to start under it (see vm::accel).
-        if let (Accel::Kvm, AccelChoice::Auto, Some(boot)) = (accel, profile.accel, &profile.boot) {
-            let binary = qemu::require_binary(&profile.qemu)?;
-            let (machine, cpu) = (profile.machine_type.clone(), vm::argv::cpu_model(&profile, Accel::Kvm).to_string());
-            let kernel = boot.kernel.clone();
-            let probed =
-                tokio::task::spawn_blocking(move || vm::accel::probe_guest(&binary, &machine, &cpu, &kernel)).await;
-            if let Ok(Err(reason)) | Err(reason) = probed.map_err(|err| err.to_string()) {
-                accel = Accel::Tcg;
-                fallback = Some(reason);
-            }
-        }
+        // Off the loop: `auto` may boot a probe guest (see vm::accel).
+        let probed = profile.clone();
+        let (accel, fallback) = tokio::task::spawn_blocking(move || vm::accel::choose(&probed))
+            .await
+            .unwrap_or_else(|err| Ok((Accel::Tcg, Some(format!("the accelerator probe failed: {err}")))))?;
         if let Some(reason) = &fallback {
             tracing::warn!(%reason, "KVM not usable; using TCG");
         }
@@ -631,7 +623,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// creating anything (`vial argv`): overlays are named but not made, and the control
 /// monitor's descriptor is shown as 3.
 pub fn dry_run_argv(config: &Config) -> Result<Vec<std::ffi::OsString>, SetupError> {
-    let (accel, _) = vm::resolve_accel(config.profile.accel, crate::sys::kvm_usable)?;
+    let (accel, _) = vm::accel::choose(&config.profile)?;
     let disks = (0..config.profile.disks.len()).map(|i| vm::disk::overlay_path(&config.state_dir, i)).collect();
     let start = Start { accel, disks, share: qemu::lesson_dir(config), data_nics: Vec::new(), restore: false };
     Ok(vm::qemu_argv(&config.profile, &start.launch(config, 3)))

@@ -18,6 +18,24 @@ pub const GUEST_PROBE_DEADLINE: Duration = Duration::from_secs(3);
 /// What a Linux kernel prints first once it runs (with `earlyprintk`).
 const KERNEL_FIRST_LINE: &str = "Linux version";
 
+/// The accelerator a start of `profile` uses, and why `auto` fell back to TCG when it did:
+/// [`resolve_accel`] with `/dev/kvm`'s check, then, for `auto` choosing KVM and a profile that
+/// boots a kernel, [`probe_guest`]. Blocking (the probe may take [`GUEST_PROBE_DEADLINE`]).
+/// The one place `vial run`, `vial argv` and `vial snapshot` decide it.
+pub fn choose(profile: &crate::config::Profile) -> Result<(Accel, Option<String>), KvmUnavailable> {
+    let (accel, fallback) = resolve_accel(profile.accel, crate::sys::kvm_usable)?;
+    let (Accel::Kvm, AccelChoice::Auto, Some(boot)) = (accel, profile.accel, &profile.boot) else {
+        return Ok((accel, fallback));
+    };
+    // Without the binary there is nothing to probe with; the start says so itself.
+    let Some(binary) = super::qemu::find_binary(&profile.qemu) else { return Ok((accel, fallback)) };
+    let cpu = super::argv::cpu_model(profile, Accel::Kvm);
+    match probe_guest(&binary, &profile.machine_type, cpu, &boot.kernel) {
+        Ok(()) => Ok((Accel::Kvm, None)),
+        Err(reason) => Ok((Accel::Tcg, Some(reason))),
+    }
+}
+
 /// Boots `kernel` under KVM with QEMU `binary`, machine `machine` and CPU model `cpu` (the
 /// profile's, as the real start would use them) until the kernel prints its first line, or
 /// [`GUEST_PROBE_DEADLINE`] passes, or QEMU exits. `Err` says what was seen. Blocking: run it

@@ -90,7 +90,7 @@ pub fn run(config: Config) -> Result<Manifest, SaveError> {
     let target =
         config.profile.snapshot.clone().ok_or_else(|| SaveError::NoTarget { profile: config.profile_path.clone() })?;
     qemu::require_binary(&config.profile.qemu)?;
-    let accel = crate::vm::resolve_accel(config.profile.accel, crate::sys::kvm_usable)?.0;
+    let accel = crate::vm::accel::choose(&config.profile)?.0;
     runtime.block_on(capture(&config, &target, accel))
 }
 

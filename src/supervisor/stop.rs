@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 /// How long `quit` gets before QEMU is killed.
 pub const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How often the power button is pressed again while the guest has not powered off.
-pub const REPRESS_INTERVAL: Duration = Duration::from_secs(2);
+pub const REPRESS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where a stop request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +112,8 @@ mod tests {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(8);
         let secs = |n: u64| t0 + Duration::from_secs(n);
-        let powering = Stop::PoweringDown { deadline: secs(8), repress: secs(2) };
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let powering = Stop::PoweringDown { deadline: secs(8), repress: ms(500) };
         let quitting = Stop::Quitting { deadline: secs(13) };
         let (term, int, quit) = (Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT);
         use StopAction as A;
@@ -132,8 +133,8 @@ mod tests {
             (Stop::Forced(15), I::Request(term), secs(1), true, Stop::Forced(15), A::None),
             (Stop::Forced(15), I::Tick, secs(99), true, Stop::Forced(15), A::None),
             // While powering down: the button again every REPRESS_INTERVAL...
-            (powering, I::Tick, secs(1), true, powering, A::None),
-            (powering, I::Tick, secs(2), true, Stop::PoweringDown { deadline: secs(8), repress: secs(4) }, A::PressPowerButton),
+            (powering, I::Tick, ms(400), true, powering, A::None),
+            (powering, I::Tick, secs(1), true, Stop::PoweringDown { deadline: secs(8), repress: ms(1500) }, A::PressPowerButton),
             // ...then `quit` at the deadline, or SIGKILL without QMP (a wedged or silent QEMU).
             (powering, I::Tick, secs(8), true, Stop::Quitting { deadline: secs(13) }, A::Quit),
             (powering, I::Tick, secs(8), false, Stop::Killed, A::Kill),
@@ -148,6 +149,6 @@ mod tests {
             assert_eq!(from.next(input, now, timeout, qmp), (to, action), "row {i}: {from:?} + {input:?}");
         }
         assert_eq!(QUIT_GRACE, Duration::from_secs(5));
-        assert_eq!(REPRESS_INTERVAL, Duration::from_secs(2));
+        assert_eq!(REPRESS_INTERVAL, Duration::from_millis(500));
     }
 }

@@ -238,3 +238,25 @@ fn a_wedged_qemu_is_killed_and_vial_exits_3() {
     assert!(out.contains("\"state\""), "no last status: {out}");
     assert_no_qemu_left(&sandbox);
 }
+
+#[test]
+fn a_guest_that_stops_answering_after_ready_turns_health_unready_and_ready_when_it_answers() {
+    let mut sandbox = Sandbox::new("hung");
+    let vial = sandbox.start(&[], "");
+    sandbox.wait_ready();
+    let qemu = wait_until(Duration::from_secs(10), "qemu as vial's child", || children(vial).first().copied());
+    // A hung guest, as far as anyone outside can tell: QEMU answers nothing, and no QMP event
+    // says so.
+    signal(qemu, Signal::SIGSTOP);
+    let status = wait_until(Duration::from_secs(120), "health to say unready", || {
+        sandbox.status().filter(|s| s["state"] == "unready")
+    });
+    assert!(status["reason"].as_str().unwrap_or("").contains("has not answered its readiness probe"), "{status}");
+    signal(qemu, Signal::SIGCONT);
+    wait_until(Duration::from_secs(60), "health to say ready again", || {
+        sandbox.status().filter(|s| s["state"] == "ready")
+    });
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(0), "{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+}

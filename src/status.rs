@@ -19,8 +19,8 @@ pub enum Phase {
     Booting,
     /// The profile's readiness probe passed.
     Ready,
-    /// It was ready and no longer is (its VM is paused); `reason` says why. Back to `ready`
-    /// once the guest answers its probe again.
+    /// It was ready and no longer is (its VM is paused, or the guest stopped answering its
+    /// probe); `reason` says why. Back to `ready` once the guest answers its probe again.
     Unready,
     /// A stop was requested; the guest is being powered off.
     Stopping,

@@ -39,6 +39,9 @@ const STOP_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// How often the data plane's kernel objects are checked once the guest is ready.
 const PLUMBING_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Health's reason while a running guest that was ready does not answer its probe.
+const NOT_ANSWERING: &str = "the guest has not answered its readiness probe for 30 s (hung, or its network is down)";
+
 /// Health's reason while a VM that was ready is paused.
 const PAUSED: &str = "the VM is paused: its vCPUs stopped (a QMP `stop` on qmp.sock, or QEMU on an I/O error)";
 
@@ -320,6 +323,8 @@ impl Endpoint {
         };
         let mut negotiating = true;
         let mut watching_links = true;
+        let (alive_tx, mut alive_rx) = mpsc::unbounded_channel::<bool>();
+        let mut liveness: Option<tokio::task::JoinHandle<()>> = None;
         let mut plumbing_check = tokio::time::interval(PLUMBING_CHECK);
         plumbing_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -389,6 +394,24 @@ impl Endpoint {
                 Some(()) = ready_rx.recv() => {
                     if stop == Stop::NotRequested && matches!(self.status.borrow().phase, Phase::Booting | Phase::Unready) {
                         self.set_phase(Phase::Ready, None);
+                        if liveness.is_none() {
+                            liveness = Some(self.start_liveness(alive_tx.clone()));
+                        }
+                    }
+                }
+                Some(answering) = alive_rx.recv() => {
+                    let phase = self.status.borrow().phase;
+                    let reason = self.status.borrow().reason.clone();
+                    match (answering, phase) {
+                        (false, Phase::Ready) if stop == Stop::NotRequested => {
+                            tracing::warn!("the guest stopped answering its readiness probe");
+                            self.set_phase(Phase::Unready, Some(NOT_ANSWERING.into()));
+                        }
+                        (true, Phase::Unready) if reason.as_deref() == Some(NOT_ANSWERING) => {
+                            tracing::info!("the guest answers its readiness probe again");
+                            self.set_phase(Phase::Ready, None);
+                        }
+                        _ => {}
                     }
                 }
                 _ = signals.child.recv() => {
@@ -398,6 +421,9 @@ impl Endpoint {
                     }
                     if let Some(ended) = ended {
                         if let Some(task) = probe_task.take() {
+                            task.abort();
+                        }
+                        if let Some(task) = liveness.take() {
                             task.abort();
                         }
                         self.dataplane = dataplane;
@@ -555,6 +581,13 @@ impl Endpoint {
             readiness::wait_ready(&probe, interval, addr, &console_log).await;
             let _ = ready.send(());
         })
+    }
+
+    /// Follows a ready guest's probe ([`readiness::watch_liveness`]), reporting on `alive`.
+    fn start_liveness(&self, alive: mpsc::UnboundedSender<bool>) -> tokio::task::JoinHandle<()> {
+        let probe = self.config.profile.probe.clone();
+        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        tokio::spawn(readiness::watch_liveness(probe, mgmt.unwrap_or(Ipv4Addr::LOCALHOST), alive))
     }
 
     /// Sends on `ready` once a guest that was ready answers its probe again

@@ -63,6 +63,37 @@ pub async fn probe_tcp(target: SocketAddrV4, send: &[u8], expect: &[u8]) -> bool
     matches!(tokio::time::timeout(ATTEMPT, attempt).await, Ok(Some(true)))
 }
 
+/// How often a ready guest's probe is repeated.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Failed probes in a row after which a ready guest counts as not answering (30 s): a
+/// loaded TCG guest, or one restarting its network for a lesson, misses a few.
+pub const LIVENESS_FAILURES: u32 = 6;
+
+/// Follows a guest that was ready, by the TCP part of `probe` aimed at `addr`: sends `false`
+/// on `changes` once it failed [`LIVENESS_FAILURES`] times in a row, and `true` when it
+/// answers again. Runs until aborted; a console-pattern probe has nothing to repeat.
+pub async fn watch_liveness(probe: Probe, addr: Ipv4Addr, changes: tokio::sync::mpsc::UnboundedSender<bool>) {
+    let Probe::Tcp { port, send, expect, .. } = probe else { return };
+    let target = SocketAddrV4::new(addr, port);
+    let (mut failures, mut answering) = (0, true);
+    loop {
+        tokio::time::sleep(LIVENESS_INTERVAL).await;
+        if probe_tcp(target, &send, &expect).await {
+            failures = 0;
+            if !answering {
+                answering = true;
+                let _ = changes.send(true);
+            }
+        } else {
+            failures += 1;
+            if answering && failures >= LIVENESS_FAILURES {
+                answering = false;
+                let _ = changes.send(false);
+            }
+        }
+    }
+}
+
 /// Returns once a guest that was ready answers again: the TCP part of `probe` (its console
 /// text was printed already and stays in the log); a console-pattern probe at once.
 pub async fn wait_answering(probe: &Probe, interval: Duration, addr: Ipv4Addr) {

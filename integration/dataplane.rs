@@ -215,7 +215,20 @@ fn a_start_over_an_unclean_exit(mode: &str, leftover: &str, stacked: bool) {
     // link with a macvlan can be neither a bridge port nor under a passthru macvtap), and a
     // device whose name only starts like vial's.
     if stacked {
-        ip(&["-n", &sandbox.netns, "link", "add", "link", "eth1", "name", "other0", "type", "macvlan", "mode", "bridge"]);
+        ip(&[
+            "-n",
+            &sandbox.netns,
+            "link",
+            "add",
+            "link",
+            "eth1",
+            "name",
+            "other0",
+            "type",
+            "macvlan",
+            "mode",
+            "bridge",
+        ]);
     }
     ip(&["-n", &sandbox.netns, "link", "add", "vbrother", "type", "bridge"]);
     std::fs::write(sandbox.lesson.join("guest-init.sh"), format!("ip addr add {guest}/24 dev eth1\n")).unwrap();
@@ -237,7 +250,12 @@ fn a_start_over_an_unclean_exit(mode: &str, leftover: &str, stacked: bool) {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(links().contains(leftover) || qdiscs().contains(leftover), "no leftover {leftover}:\n{}{}", links(), qdiscs());
+    assert!(
+        links().contains(leftover) || qdiscs().contains(leftover),
+        "no leftover {leftover}:\n{}{}",
+        links(),
+        qdiscs()
+    );
 
     let vial = sandbox.start(&env, "");
     sandbox.wait_ready();

@@ -92,9 +92,9 @@ pub enum WaitError {
 
 /// Whether `name` is one of `vial`'s own devices.
 pub fn is_own(name: &str) -> bool {
-    OWN_PREFIXES.iter().any(|prefix| {
-        name.strip_prefix(prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    })
+    OWN_PREFIXES
+        .iter()
+        .any(|prefix| name.strip_prefix(prefix).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
 
 /// Splits `eth10` into (`eth`, 10); names without a numeric suffix give `None`.

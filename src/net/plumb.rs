@@ -866,7 +866,8 @@ pub async fn remove_leftovers(handle: &Handle, links: &[Link]) -> Vec<String> {
             .filter_map(|m| async move { m.ok() })
             .collect()
             .await;
-        let targets: Vec<Option<u32>> = filters.iter().filter(|f| !f.attributes.is_empty()).map(redirect_target).collect();
+        let targets: Vec<Option<u32>> =
+            filters.iter().filter(|f| !f.attributes.is_empty()).map(redirect_target).collect();
         // The kernel reports a redirect whose device is gone with index 0 (tc shows `*`).
         let dangling = |target: &Option<u32>| {
             target.is_some_and(|index| index == 0 || nix::net::if_::if_indextoname(index).is_err())

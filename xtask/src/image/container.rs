@@ -43,8 +43,8 @@ pub(crate) struct ContainerImage {
     /// What the image takes from PyPI: exact pins (`name==version`) of what Debian bookworm
     /// lacks or packages too old, pure Python only. Installed with `--no-deps`, so each of
     /// their dependencies is either pinned here too or a Debian package in `packages`; the
-    /// build's `pip check` fails otherwise.
-    pub wheels: &'static [&'static str],
+    /// build's `pip check` fails otherwise. In groups, so images share one ([`NAPALM_WHEELS`]).
+    pub wheels: &'static [&'static [&'static str]],
     /// Python modules the image promises; the smoke check imports each.
     pub python_modules: &'static [&'static str],
     /// Shell commands the smoke check runs in the image, each of which must exit 0: one per
@@ -56,6 +56,24 @@ pub(crate) struct ContainerImage {
 /// smoke checks load each one's module.
 const NAPALM_DRIVERS_CHECK: &str = "python3 -c 'from napalm import get_network_driver as driver; \
      [driver(name) for name in (\"junos\", \"eos\", \"iosxr\", \"nxos\", \"nxos_ssh\", \"ios\")]'";
+
+/// napalm and what it needs beyond bookworm: one set for `utility` and `configurator`, so a
+/// napalm configuration behaves the same in both.
+const NAPALM_WHEELS: &[&str] = &[
+    // The multi-vendor library, and the two it drives that bookworm has too old
+    // (netmiko 2.4.2, junos-eznc 2.1.7; napalm needs >= 4.1.0 and >= 2.6.3).
+    // junos-eznc 2.6.8 pins ncclient 0.6.13, bookworm's.
+    "napalm==4.1.0",
+    "netmiko==4.2.0",
+    "junos-eznc==2.6.8",
+    // napalm's and netmiko's parsers. ttp-templates 0.3.7 is the last before pydantic 2,
+    // which bookworm lacks; netmiko 4.2 needs textfsm >= 1.1.3 (bookworm: 1.1.0).
+    "ttp==0.9.5",
+    "ttp-templates==0.3.7",
+    "netutils==1.6.0",
+    "ntc-templates==4.0.1",
+    "textfsm==1.1.3",
+];
 
 /// The plain-container images `cargo xtask image` builds.
 pub(crate) const IMAGES: &[ContainerImage] = &[
@@ -126,25 +144,15 @@ pub(crate) const IMAGES: &[ContainerImage] = &[
             "netbase",
         ],
         wheels: &[
-            // The multi-vendor library, and the two it drives that bookworm has too old
-            // (netmiko 2.4.2, junos-eznc 2.1.7; napalm needs >= 4.1.0 and >= 2.6.3).
-            // junos-eznc 2.6.8 pins ncclient 0.6.13, bookworm's.
-            "napalm==4.1.0",
-            "netmiko==4.2.0",
-            "junos-eznc==2.6.8",
-            // napalm's and netmiko's parsers. ttp-templates 0.3.7 is the last before pydantic 2,
-            // which bookworm lacks; netmiko 4.2 needs textfsm >= 1.1.3 (bookworm: 1.1.0).
-            "ttp==0.9.5",
-            "ttp-templates==0.3.7",
-            "netutils==1.6.0",
-            "ntc-templates==4.0.1",
-            "textfsm==1.1.3",
-            // JSNAPy and what it pins: icdiff (bookworm has the command, not the module) and
-            // the configparser backport, which it requires by name.
-            "jsnapy==1.3.8",
-            "icdiff==1.9.1",
-            "configparser==7.1.0",
-            "robotframework==7.1.1",
+            NAPALM_WHEELS,
+            &[
+                // JSNAPy and what it pins: icdiff (bookworm has the command, not the module) and
+                // the configparser backport, which it requires by name.
+                "jsnapy==1.3.8",
+                "icdiff==1.9.1",
+                "configparser==7.1.0",
+                "robotframework==7.1.1",
+            ],
         ],
         python_modules: &[
             "jinja2",
@@ -244,16 +252,7 @@ pub(crate) const IMAGES: &[ContainerImage] = &[
             "netbase",
         ],
         // napalm for `<endpoint>-<driver>.txt` configurations, as in `utility`.
-        wheels: &[
-            "napalm==4.1.0",
-            "netmiko==4.2.0",
-            "junos-eznc==2.6.8",
-            "ttp==0.9.5",
-            "ttp-templates==0.3.7",
-            "netutils==1.6.0",
-            "ntc-templates==4.0.1",
-            "textfsm==1.1.3",
-        ],
+        wheels: &[NAPALM_WHEELS],
         python_modules: &["paramiko", "scp", "ncclient", "jinja2", "yaml", "lxml", "netmiko", "napalm", "jnpr.junos"],
         checks: &[
             "ansible-playbook --version",
@@ -272,6 +271,13 @@ const ROOTFS_VERSION: u32 = 1;
 
 /// The label holding the root filesystem image's cache key.
 const STAMP_LABEL: &str = "vial.rootfs.stamp";
+
+impl ContainerImage {
+    /// Every pin of [`ContainerImage::wheels`], in order.
+    pub fn pins(&self) -> Vec<&'static str> {
+        self.wheels.iter().flat_map(|group| group.iter().copied()).collect()
+    }
+}
 
 /// The plain-container image called `name`, if there is one.
 pub(crate) fn find(name: &str) -> Option<&'static ContainerImage> {
@@ -299,7 +305,7 @@ pub(crate) fn build(image: &ContainerImage, options: &Options) -> Result<String>
     let lock = fs::File::create(work.join("build.lock"))?;
     lock.lock().context("locking the image's build directory")?;
     let rootfs = rootfs(image, &work, options.rebuild)?;
-    let wheels = wheels::fetch(image.wheels, options.rebuild)?;
+    let wheels = wheels::fetch(&image.pins(), options.rebuild)?;
     let context = work.join("context");
     stage_context(image, &context, &wheels)?;
 
@@ -362,7 +368,7 @@ fn stage_context(image: &ContainerImage, context: &Path, wheels: &wheels::Wheels
         );
         fs::copy(entry.path(), context.join(&name)).with_context(|| format!("copying {}", entry.path().display()))?;
     }
-    fs::write(context.join(wheels::REQUIREMENTS), wheels::requirements(image.wheels))?;
+    fs::write(context.join(wheels::REQUIREMENTS), wheels::requirements(&image.pins()))?;
     for file in &wheels.files {
         super::link_or_copy(&wheels.dir.join(file), &context.join("wheels").join(file))?;
     }
@@ -377,7 +383,7 @@ fn smoke_script(image: &ContainerImage) -> String {
     if !image.python_modules.is_empty() {
         checks.push(format!("python3 -c '{IMPORT_ALL}' {}", image.python_modules.join(" ")));
     }
-    if !image.wheels.is_empty() {
+    if !image.pins().is_empty() {
         checks.push("python3 -m pip check".into());
     }
     checks.extend(image.checks.iter().map(|check| check.to_string()));
@@ -520,7 +526,7 @@ mod tests {
     fn wheels_are_pinned_and_installed_offline() {
         for image in IMAGES {
             let (path, text) = dockerfile(image);
-            for pin in image.wheels {
+            for pin in image.pins() {
                 let (name, _) =
                     wheels::parse_pin(pin).unwrap_or_else(|| panic!("{}: `{pin}` is not name==version", image.name));
                 let debian = format!("python3-{}", wheels::normalize(name));
@@ -533,7 +539,7 @@ mod tests {
             let installs = text.contains("pip install --no-index") && text.contains("--no-deps");
             assert_eq!(
                 installs,
-                !image.wheels.is_empty(),
+                !image.pins().is_empty(),
                 "{}: wheels and `pip install --no-index --no-deps` go together",
                 path.display()
             );
@@ -551,8 +557,8 @@ mod tests {
     #[test]
     fn the_configurator_takes_the_utility_images_pins() {
         let utility = find("utility").unwrap();
-        for pin in find("configurator").unwrap().wheels {
-            assert!(utility.wheels.contains(pin), "configurator pins {pin}, utility does not");
+        for pin in find("configurator").unwrap().pins() {
+            assert!(utility.pins().contains(&pin), "configurator pins {pin}, utility does not");
         }
     }
 
@@ -609,7 +615,7 @@ mod tests {
             for check in image.checks {
                 assert!(script.contains(check), "{}: `{check}` is not run", image.name);
             }
-            assert_eq!(script.contains("pip check"), !image.wheels.is_empty(), "{}", image.name);
+            assert_eq!(script.contains("pip check"), !image.pins().is_empty(), "{}", image.name);
         }
     }
 }

@@ -298,18 +298,7 @@ impl DataPlane {
             return;
         }
         let Some(stitch) = slot.stitch.as_mut() else { return };
-        if let Err(err) = plumb::restitch(&self.handle, stitch, &link).await {
-            tracing::error!(link = %link.name, nic = slot.nic, err = %crate::logging::error_chain(&err), "cannot stitch a returning link");
-            slot.state = LinkState::Failed;
-            return;
-        }
-        slot.state = match selfcheck::self_check(stitch).await {
-            Ok(check) => check_state(check),
-            Err(err) => {
-                tracing::error!(link = %link.name, %err, "self-check of a returning link failed");
-                LinkState::Failed
-            }
-        };
+        slot.state = restitch_checked(&self.handle, stitch, &link).await;
         set_nic_link(qmp, &link.name, slot.nic, link.carrier && slot.state != LinkState::Failed).await;
     }
 
@@ -330,17 +319,7 @@ impl DataPlane {
             slot.repairs += 1;
             slot.state = LinkState::Failed;
             let link = stitch.link.clone();
-            if let Err(err) = plumb::restitch(&self.handle, stitch, &link).await {
-                tracing::error!(link = %slot.name, err = %crate::logging::error_chain(&err), "cannot restore the plumbing");
-                continue;
-            }
-            slot.state = match selfcheck::self_check(stitch).await {
-                Ok(check) => check_state(check),
-                Err(err) => {
-                    tracing::error!(link = %slot.name, %err, "self-check after restoring the plumbing failed");
-                    LinkState::Failed
-                }
-            };
+            slot.state = restitch_checked(&self.handle, stitch, &link).await;
             tracing::info!(link = %slot.name, state = ?slot.state, "plumbing restored");
         }
         changed
@@ -401,6 +380,22 @@ impl DataPlane {
         let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
         for name in names {
             self.drop_stitch(&name, LinkState::Missing).await;
+        }
+    }
+}
+
+/// Stitches `link` again to `stitch`'s kept TAP (a returning link, or plumbing found broken)
+/// and proves it with the self-check: the link's new state. Failures are logged.
+async fn restitch_checked(handle: &Handle, stitch: &mut Stitch, link: &Link) -> LinkState {
+    if let Err(err) = plumb::restitch(handle, stitch, link).await {
+        tracing::error!(link = %link.name, nic = stitch.nic, err = %crate::logging::error_chain(&err), "cannot stitch the link again");
+        return LinkState::Failed;
+    }
+    match selfcheck::self_check(stitch).await {
+        Ok(check) => check_state(check),
+        Err(err) => {
+            tracing::error!(link = %link.name, %err, "self-check after stitching the link again failed");
+            LinkState::Failed
         }
     }
 }

@@ -857,15 +857,7 @@ pub async fn remove_leftovers(handle: &Handle, links: &[Link]) -> Vec<String> {
         }
     }
     for link in links {
-        let filters: Vec<TcMessage> = handle
-            .clone()
-            .traffic_filter(link.index as i32)
-            .get()
-            .ingress()
-            .execute()
-            .filter_map(|m| async move { m.ok() })
-            .collect()
-            .await;
+        let filters = ingress_filters(handle, link.index).await;
         let targets: Vec<Option<u32>> =
             filters.iter().filter(|f| !f.attributes.is_empty()).map(redirect_target).collect();
         // The kernel reports a redirect whose device is gone with index 0 (tc shows `*`).
@@ -884,6 +876,19 @@ pub async fn remove_leftovers(handle: &Handle, links: &[Link]) -> Vec<String> {
         }
     }
     removed
+}
+
+/// The filters on the ingress of device `index` (none when it has no ingress qdisc).
+async fn ingress_filters(handle: &Handle, index: u32) -> Vec<TcMessage> {
+    handle
+        .clone()
+        .traffic_filter(index as i32)
+        .get()
+        .ingress()
+        .execute()
+        .filter_map(|m| async move { m.ok() })
+        .collect()
+        .await
 }
 
 /// The device a filter's `mirred` action redirects to, if it has one.
@@ -925,15 +930,7 @@ pub async fn broken(handle: &Handle, stitch: &Stitch) -> Option<String> {
     match stitch.mode {
         Plumbing::Tc => {
             for (name, index) in [link, device] {
-                let filters: Vec<TcMessage> = handle
-                    .clone()
-                    .traffic_filter(index as i32)
-                    .get()
-                    .ingress()
-                    .execute()
-                    .filter_map(|m| async move { m.ok() })
-                    .collect()
-                    .await;
+                let filters = ingress_filters(handle, index).await;
                 if !filters.iter().any(|f| TcHandle::from(f.header.info).major == FILTER_PRIORITY) {
                     return Some(format!("the redirect filter on {name}'s ingress is gone"));
                 }

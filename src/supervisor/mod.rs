@@ -568,16 +568,20 @@ impl Endpoint {
         outcome
     }
 
+    /// Where a TCP probe aims: the forward on the management address (a profile with a TCP
+    /// probe has forwards, so there is one).
+    fn probe_addr(&self) -> Ipv4Addr {
+        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        mgmt.unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
     fn start_probe(&self, ready: mpsc::UnboundedSender<()>) -> tokio::task::JoinHandle<()> {
         let profile = &self.config.profile;
         let interval = profile.probe_interval;
         let probe = profile.probe.clone();
-        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        let addr = self.probe_addr();
         let console_log = self.config.run_dir.join(rundir::CONSOLE_LOG);
         tokio::spawn(async move {
-            // A TCP probe goes through the forward on the management address (a profile with a
-            // TCP probe has forwards, so there is one).
-            let addr = mgmt.unwrap_or(Ipv4Addr::LOCALHOST);
             readiness::wait_ready(&probe, interval, addr, &console_log).await;
             let _ = ready.send(());
         })
@@ -585,19 +589,16 @@ impl Endpoint {
 
     /// Follows a ready guest's probe ([`readiness::watch_liveness`]), reporting on `alive`.
     fn start_liveness(&self, alive: mpsc::UnboundedSender<bool>) -> tokio::task::JoinHandle<()> {
-        let probe = self.config.profile.probe.clone();
-        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
-        tokio::spawn(readiness::watch_liveness(probe, mgmt.unwrap_or(Ipv4Addr::LOCALHOST), alive))
+        tokio::spawn(readiness::watch_liveness(self.config.profile.probe.clone(), self.probe_addr(), alive))
     }
 
     /// Sends on `ready` once a guest that was ready answers its probe again
     /// ([`readiness::wait_answering`]).
     fn start_liveness_probe(&self, ready: mpsc::UnboundedSender<()>) -> tokio::task::JoinHandle<()> {
         let profile = &self.config.profile;
-        let (interval, probe) = (profile.probe_interval, profile.probe.clone());
-        let mgmt = self.status.borrow().forwards.first().and_then(|f| f.address.parse().ok());
+        let (interval, probe, addr) = (profile.probe_interval, profile.probe.clone(), self.probe_addr());
         tokio::spawn(async move {
-            readiness::wait_answering(&probe, interval, mgmt.unwrap_or(Ipv4Addr::LOCALHOST)).await;
+            readiness::wait_answering(&probe, interval, addr).await;
             let _ = ready.send(());
         })
     }

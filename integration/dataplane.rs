@@ -104,6 +104,35 @@ fn a_link_added_after_ready_is_hot_plugged_and_carries_traffic() {
     assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(0), "{}", sandbox.log());
 }
 
+/// An unplug waits up to 10 s for the guest to release its NIC; a paused guest never does.
+/// A stop meanwhile is carried out at once, not after the wait: health says `stopping` while
+/// the link's unplug is still pending (its state changes only when the unplug ends).
+#[test]
+fn a_stop_during_an_unplug_the_guest_cannot_answer_is_not_held_up_by_it() {
+    let mut sandbox = Sandbox::new("unplug-stop");
+    let peer = Netns::new("unps");
+    veth_between(&sandbox.netns, "eth1", &peer.0, "eth1", 1500);
+    let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1"), ("VIAL_STOP_TIMEOUT", "3s")], "");
+    sandbox.wait_ready();
+    assert!(qmp_command(&sandbox, "stop").contains("\"return\""));
+    ip(&["-n", &peer.0, "link", "del", "eth1"]);
+    wait_until(Duration::from_secs(30), "the unplug started", || {
+        sandbox.log().contains("unplugging its NIC").then_some(())
+    });
+    signal(vial, Signal::SIGTERM);
+    let status = wait_until(Duration::from_secs(30), "health says stopping", || {
+        sandbox.status().filter(|s| s["state"] == "stopping")
+    });
+    assert_ne!(status["links"][0]["state"], "missing", "the stop must not wait for the unplug: {status}");
+    // The paused guest ignores the power button: QEMU quits after the stop timeout (exit 2),
+    // the pending unplug ends with QEMU, and vial removes what it stitched.
+    assert_eq!(sandbox.wait(Duration::from_secs(60)).code(), Some(2), "{}", sandbox.log());
+    let out = std::process::Command::new("ip").args(["-n", &sandbox.netns, "-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&out.stdout);
+    assert!(!links.contains("vtap"), "{links}");
+    assert!(processes_mentioning(&sandbox.run_dir.to_string_lossy()).is_empty(), "no process left");
+}
+
 #[test]
 fn waiting_for_three_links_when_two_exist_names_the_missing_one() {
     let mut sandbox = Sandbox::new("missing");

@@ -159,29 +159,6 @@ fn sigterm_early_in_boot_still_powers_the_guest_off_cleanly() {
     assert_no_qemu_left(&sandbox);
 }
 
-/// Sends one QMP command on the endpoint's public monitor (`/run/vial/qmp.sock`), as a person
-/// or tool would, and returns QEMU's answer.
-fn qmp_command(sandbox: &Sandbox, command: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let stream = std::os::unix::net::UnixStream::connect(sandbox.run_dir.join("qmp.sock")).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap(); // the greeting
-    let mut writer = stream;
-    for execute in ["qmp_capabilities", command] {
-        writeln!(writer, "{{\"execute\":\"{execute}\"}}").unwrap();
-        loop {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-            if line.contains("\"return\"") || line.contains("\"error\"") {
-                break;
-            }
-        }
-    }
-    line
-}
-
 #[test]
 fn a_vm_paused_after_ready_turns_health_unready_with_the_reason_and_ready_again_when_resumed() {
     let mut sandbox = Sandbox::new("pause");

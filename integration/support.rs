@@ -222,3 +222,26 @@ pub fn veth_between(ns_a: &str, name_a: &str, ns_b: &str, name_b: &str, mtu: u32
     ip(&["-n", ns_a, "link", "set", name_a, "up"]);
     ip(&["-n", ns_b, "link", "set", name_b, "up"]);
 }
+
+/// Sends one QMP command on the endpoint's public monitor (`/run/vial/qmp.sock`), as a person
+/// or tool would, and returns QEMU's answer.
+pub fn qmp_command(sandbox: &Sandbox, command: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(sandbox.run_dir.join("qmp.sock")).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // the greeting
+    let mut writer = stream;
+    for execute in ["qmp_capabilities", command] {
+        writeln!(writer, "{{\"execute\":\"{execute}\"}}").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                break;
+            }
+        }
+    }
+    line
+}

@@ -269,6 +269,7 @@ impl DataPlane {
             LinkEvent::Removed(gone) => {
                 let Some(slot) = self.slots.iter().find(|s| s.name == gone && s.stitch.is_some()) else { return };
                 let nic = slot.nic;
+                tracing::info!(link = %gone, nic, timeout = ?UNPLUG_TIMEOUT, "link gone; unplugging its NIC (the guest must release it)");
                 if let Err(err) = qmp.unplug_nic(&format!("nic{nic}"), &format!("data{nic}"), UNPLUG_TIMEOUT).await {
                     tracing::warn!(link = %gone, nic, %err, "unplug did not complete");
                 }

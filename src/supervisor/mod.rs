@@ -7,6 +7,7 @@
 //! out of [`run`] goes through the same teardown, and QEMU carries a parent-death signal.
 //! How a stop proceeds (power button, `quit`, SIGKILL) is decided in `stop`.
 
+mod links;
 mod stop;
 
 use std::net::Ipv4Addr;
@@ -21,7 +22,6 @@ use crate::config::{Config, NicLayout};
 use crate::exit::{Outcome, SetupError, TUN_DEVICE};
 use crate::health;
 use crate::net::dataplane::DataPlane;
-use crate::net::links::WaitError;
 use crate::qmp::{self, RunState, VmEvent};
 use crate::reaper::{self, Ended};
 use crate::rundir;
@@ -30,14 +30,12 @@ use crate::vm::qemu::{self, Start};
 use crate::vm::snapshot::restore::SnapshotNics;
 use crate::vm::snapshot::{self, restore};
 use crate::vm::{self, readiness, Accel};
+use links::LinkTask;
 use stop::{Stop, StopAction, StopInput};
 
 /// How long a stop's QMP command (`system_powerdown`, `quit`) may hold the loop: a wedged
 /// QEMU answers nothing, and the ladder's deadlines must still be met.
 const STOP_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// How often the data plane's kernel objects are checked once the guest is ready.
-const PLUMBING_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Health's reason while a running guest that was ready does not answer its probe.
 const NOT_ANSWERING: &str = "the guest has not answered its readiness probe for 30 s (hung, or its network is down)";
@@ -306,14 +304,16 @@ impl Endpoint {
 
     /// Watches QEMU until it is gone and returns how the run ended.
     async fn supervise(&mut self, qemu_pid: u32, monitor: Monitor, signals: &mut Signals) -> Outcome {
-        let profile = self.config.profile.clone();
         let mut stop = Stop::NotRequested;
         let mut qmp_handle: Option<qmp::Qmp> = None;
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
         let mut probe_task: Option<tokio::task::JoinHandle<()>> = None;
         let mut events: Option<qmp::Events> = None;
         let mut run_state = RunState::Running;
-        let mut dataplane = self.dataplane.take();
+        // Link changes and the plumbing check run on their own task (see `links`).
+        let links = self.dataplane.take().map(|plane| {
+            LinkTask::spawn(plane, self.status.clone(), self.config.profile.clone(), self.config.name.clone())
+        });
 
         // QMP negotiation runs beside the loop, so signals and QEMU's death are seen while
         // QEMU is still starting.
@@ -322,11 +322,8 @@ impl Endpoint {
             Monitor::Ready(handle, events) => Box::pin(std::future::ready(Ok((handle, events)))),
         };
         let mut negotiating = true;
-        let mut watching_links = true;
         let (alive_tx, mut alive_rx) = mpsc::unbounded_channel::<bool>();
         let mut liveness: Option<tokio::task::JoinHandle<()>> = None;
-        let mut plumbing_check = tokio::time::interval(PLUMBING_CHECK);
-        plumbing_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let deadline = stop.deadline();
@@ -340,8 +337,8 @@ impl Endpoint {
                                 run_state = state;
                             }
                             events = Some(stream);
-                            if let Some(plane) = &dataplane {
-                                plane.sync_carrier(&handle).await;
+                            if let Some(links) = &links {
+                                links.give_qmp(handle.clone());
                             }
                             // A stop requested while QEMU was starting goes out now.
                             if let Stop::PoweringDown { .. } = stop {
@@ -366,31 +363,6 @@ impl Endpoint {
                         events = None;
                     }
                 },
-                event = next_link_event(&mut dataplane), if qmp_handle.is_some() && watching_links => match (event, &qmp_handle, &mut dataplane) {
-                    (Ok(event), Some(handle), Some(plane)) => {
-                        plane.on_event(event, handle, &profile, &self.config.name).await;
-                        self.status.send_modify(|status| status.links = plane.statuses());
-                    }
-                    // The running data plane stays as it is; only changes are no longer seen.
-                    (Err(err), _, _) => {
-                        tracing::warn!(%err, "link events stopped; the links stay stitched, but late links will not be plugged");
-                        watching_links = false;
-                        self.status.send_modify(|status| {
-                            status.links_note = Some(format!("link events stopped ({err}): links that arrive or leave from now on are not seen"));
-                        });
-                    }
-                    _ => {}
-                },
-                _ = plumbing_check.tick(), if dataplane.is_some()
-                    && stop == Stop::NotRequested
-                    && matches!(self.status.borrow().phase, Phase::Ready | Phase::Unready) =>
-                {
-                    if let Some(plane) = dataplane.as_mut() {
-                        if plane.check_plumbing().await {
-                            self.status.send_modify(|status| status.links = plane.statuses());
-                        }
-                    }
-                }
                 Some(()) = ready_rx.recv() => {
                     if stop == Stop::NotRequested && matches!(self.status.borrow().phase, Phase::Booting | Phase::Unready) {
                         self.set_phase(Phase::Ready, None);
@@ -426,7 +398,9 @@ impl Endpoint {
                         if let Some(task) = liveness.take() {
                             task.abort();
                         }
-                        self.dataplane = dataplane;
+                        if let Some(links) = links {
+                            self.dataplane = links.finish().await;
+                        }
                         return self.qemu_ended(ended, stop);
                     }
                 }
@@ -629,13 +603,6 @@ async fn press_power_button(handle: &qmp::Qmp) {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::warn!(%err, "system_powerdown failed"),
         Err(_) => tracing::warn!("qemu did not answer system_powerdown (wedged?); the ladder goes on"),
-    }
-}
-
-async fn next_link_event(dataplane: &mut Option<DataPlane>) -> Result<crate::net::links::LinkEvent, WaitError> {
-    match dataplane {
-        Some(plane) => plane.next_event().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -2,7 +2,8 @@
 //! guest actually starts under it: some nested set-ups open KVM fine but hang guests at
 //! kernel entry, or make QEMU abort on a model-specific register. So `auto` probes the way it
 //! fails ([`probe_guest`]): the profile's own kernel under KVM, with a deadline for its first
-//! line on the serial console.
+//! line on the serial console; a profile that boots from disk has no kernel to give, so its
+//! probe runs the firmware (SeaBIOS) alone and waits for its first line on the debug port.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -11,43 +12,99 @@ use std::time::{Duration, Instant};
 
 use crate::config::AccelChoice;
 
-/// How long the guest probe waits for the kernel's first line. A kernel that works prints it
-/// within a few hundred milliseconds of QEMU's start (bzImage decompression included).
+/// How long the guest probe waits for the guest's first line. A kernel that works prints it
+/// within a few hundred milliseconds of QEMU's start (bzImage decompression included); the
+/// firmware within a few milliseconds.
 pub const GUEST_PROBE_DEADLINE: Duration = Duration::from_secs(3);
 
-/// What a Linux kernel prints first once it runs (with `earlyprintk`).
-const KERNEL_FIRST_LINE: &str = "Linux version";
+/// What the probe runs under KVM.
+#[derive(Debug, Clone, Copy)]
+pub enum ProbeGuest<'a> {
+    /// This kernel, until it prints its first line (`Linux version`, with `earlyprintk`).
+    Kernel(&'a Path),
+    /// The firmware alone, until it prints its first line (`SeaBIOS`) on its debug port:
+    /// proves a vCPU runs, not that a kernel would.
+    Firmware,
+}
+
+impl ProbeGuest<'_> {
+    /// What it prints first once it runs.
+    fn first_line(self) -> &'static str {
+        match self {
+            ProbeGuest::Kernel(_) => "Linux version",
+            ProbeGuest::Firmware => "SeaBIOS",
+        }
+    }
+
+    /// What the verdicts call it.
+    fn what(self) -> &'static str {
+        match self {
+            ProbeGuest::Kernel(_) => "a guest kernel",
+            ProbeGuest::Firmware => "the guest firmware",
+        }
+    }
+
+    /// The arguments that load it and put its first line on stdout.
+    fn args(self) -> Vec<std::ffi::OsString> {
+        let args: Vec<std::ffi::OsString> = match self {
+            ProbeGuest::Kernel(kernel) => vec![
+                "-serial".into(),
+                "stdio".into(),
+                "-kernel".into(),
+                kernel.into(),
+                "-append".into(),
+                "console=ttyS0 earlyprintk=serial,ttyS0,115200 loglevel=8 panic=-1".into(),
+            ],
+            // SeaBIOS logs to the ISA debug console at port 0x402.
+            ProbeGuest::Firmware => vec![
+                "-chardev".into(),
+                "stdio,id=firmware".into(),
+                "-device".into(),
+                "isa-debugcon,iobase=0x402,chardev=firmware".into(),
+            ],
+        };
+        args
+    }
+}
 
 /// The accelerator a start of `profile` uses, and why `auto` fell back to TCG when it did:
-/// [`resolve_accel`] with `/dev/kvm`'s check, then, for `auto` choosing KVM and a profile that
-/// boots a kernel, [`probe_guest`]. Blocking (the probe may take [`GUEST_PROBE_DEADLINE`]).
-/// The one place `vial run`, `vial argv` and `vial snapshot` decide it.
+/// [`resolve_accel`] with `/dev/kvm`'s check, then, for `auto` choosing KVM, [`probe_guest`]
+/// with the profile's kernel, or its firmware when it boots from disk. Blocking (the probe may
+/// take [`GUEST_PROBE_DEADLINE`]). The one place `vial run`, `vial argv` and `vial snapshot`
+/// decide it.
 pub fn choose(profile: &crate::config::Profile) -> Result<(Accel, Option<String>), KvmUnavailable> {
     let (accel, fallback) = resolve_accel(profile.accel, crate::sys::kvm_usable)?;
-    let (Accel::Kvm, AccelChoice::Auto, Some(boot)) = (accel, profile.accel, &profile.boot) else {
+    let (Accel::Kvm, AccelChoice::Auto) = (accel, profile.accel) else {
         return Ok((accel, fallback));
     };
     // Without the binary there is nothing to probe with; the start says so itself.
     let Some(binary) = super::qemu::find_binary(&profile.qemu) else { return Ok((accel, fallback)) };
     let cpu = super::argv::cpu_model(profile, Accel::Kvm);
-    match probe_guest(&binary, &profile.machine_type, cpu, &boot.kernel) {
+    let guest = match &profile.boot {
+        Some(boot) => ProbeGuest::Kernel(&boot.kernel),
+        None => ProbeGuest::Firmware,
+    };
+    match probe_guest(&binary, &profile.machine_type, cpu, guest) {
         Ok(()) => Ok((Accel::Kvm, None)),
         Err(reason) => Ok((Accel::Tcg, Some(reason))),
     }
 }
 
-/// Boots `kernel` under KVM with QEMU `binary`, machine `machine` and CPU model `cpu` (the
-/// profile's, as the real start would use them) until the kernel prints its first line, or
+/// Runs `guest` under KVM with QEMU `binary`, machine `machine` and CPU model `cpu` (the
+/// profile's, as the real start would use them) until it prints its first line, or
 /// [`GUEST_PROBE_DEADLINE`] passes, or QEMU exits. `Err` says what was seen. Blocking: run it
 /// off the supervision loop. The probe's QEMU never outlives it.
-pub fn probe_guest(binary: &Path, machine: &str, cpu: &str, kernel: &Path) -> Result<(), String> {
+pub fn probe_guest(binary: &Path, machine: &str, cpu: &str, guest: ProbeGuest<'_>) -> Result<(), String> {
+    probe(binary, Accel::Kvm, machine, cpu, guest)
+}
+
+/// [`probe_guest`] under `accel` (tests run the probe's verdicts under TCG too).
+fn probe(binary: &Path, accel: Accel, machine: &str, cpu: &str, guest: ProbeGuest<'_>) -> Result<(), String> {
     let mut command = Command::new(binary);
     command
-        .args(["-accel", "kvm", "-machine", machine, "-cpu", cpu, "-m", "128", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"])
-        .arg("-kernel")
-        .arg(kernel)
-        .args(["-append", "console=ttyS0 earlyprintk=serial,ttyS0,115200 loglevel=8 panic=-1"])
+        .args(["-accel", accel.as_str(), "-machine", machine, "-cpu", cpu, "-m", "128", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(guest.args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -65,14 +122,15 @@ pub fn probe_guest(binary: &Path, machine: &str, cpu: &str, kernel: &Path) -> Re
             }
         });
     }
+    let (what, first_line) = (guest.what(), guest.first_line());
     let verdict = loop {
         let left = GUEST_PROBE_DEADLINE.saturating_sub(started.elapsed());
         match seen.recv_timeout(left) {
-            Ok(line) if line.contains(KERNEL_FIRST_LINE) => break Ok(()),
+            Ok(line) if line.contains(first_line) => break Ok(()),
             Ok(_) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 break Err(format!(
-                    "a guest kernel under KVM printed nothing within {GUEST_PROBE_DEADLINE:?} (KVM hangs guests here)"
+                    "{what} under KVM printed nothing within {GUEST_PROBE_DEADLINE:?} (KVM hangs guests here)"
                 ));
             }
             // The console closed: QEMU exited.
@@ -84,7 +142,7 @@ pub fn probe_guest(binary: &Path, machine: &str, cpu: &str, kernel: &Path) -> Re
     crate::reaper::disown(pid);
     match verdict {
         Ok(()) => {
-            tracing::info!(elapsed = ?started.elapsed(), "a guest kernel starts under KVM");
+            tracing::info!(elapsed = ?started.elapsed(), "{what} starts under KVM");
             Ok(())
         }
         Err(reason) if !reason.is_empty() => Err(reason),
@@ -103,7 +161,7 @@ pub fn probe_guest(binary: &Path, machine: &str, cpu: &str, kernel: &Path) -> Re
                 },
                 Err(_) => "".into(),
             };
-            Err(format!("qemu exited {how} before a guest kernel ran under KVM: {last}"))
+            Err(format!("qemu exited {how} before {what} ran under KVM: {last}"))
         }
     }
 }
@@ -173,7 +231,7 @@ mod tests {
             return;
         }
         let started = Instant::now();
-        let result = probe_guest(Path::new("/usr/bin/qemu-system-x86_64"), "pc", "host", &kernel);
+        let result = probe_guest(Path::new("/usr/bin/qemu-system-x86_64"), "pc", "host", ProbeGuest::Kernel(&kernel));
         let elapsed = started.elapsed();
         println!("probe: {result:?} after {elapsed:?}");
         assert!(elapsed < GUEST_PROBE_DEADLINE + Duration::from_secs(5), "{elapsed:?}");
@@ -181,8 +239,29 @@ mod tests {
             assert!(reason.contains("KVM"), "{reason}");
         }
         // And a QEMU that cannot run at all is an error, not a hang.
-        let err = probe_guest(Path::new("/nonexistent/qemu"), "pc", "host", &kernel).unwrap_err();
+        let err = probe_guest(Path::new("/nonexistent/qemu"), "pc", "host", ProbeGuest::Kernel(&kernel)).unwrap_err();
         assert!(err.contains("cannot run /nonexistent/qemu"), "{err}");
+    }
+
+    /// The firmware probe, for profiles that boot from disk: SeaBIOS's first line is seen
+    /// (under TCG, where it runs here), and under this machine's KVM QEMU cannot start the
+    /// host CPU model (it aborts on an MSR), which the probe says.
+    #[test]
+    fn the_firmware_probe_sees_seabios_start_and_says_why_when_it_cannot() {
+        let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+        if !qemu.exists() {
+            return;
+        }
+        assert_eq!(probe(qemu, Accel::Tcg, "pc", "max", ProbeGuest::Firmware), Ok(()));
+        if Path::new("/dev/kvm").exists() && crate::sys::kvm_usable().is_ok() {
+            let started = Instant::now();
+            let result = probe_guest(qemu, "pc", "host", ProbeGuest::Firmware);
+            println!("firmware probe under KVM: {result:?} after {:?}", started.elapsed());
+            assert!(started.elapsed() < GUEST_PROBE_DEADLINE + Duration::from_secs(5));
+            if let Err(reason) = result {
+                assert!(reason.contains("the guest firmware") && reason.contains("KVM"), "{reason}");
+            }
+        }
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn a_stop_during_an_unplug_the_guest_cannot_answer_is_not_held_up_by_it() {
     let out = std::process::Command::new("ip").args(["-n", &sandbox.netns, "-o", "link"]).output().unwrap();
     let links = String::from_utf8_lossy(&out.stdout);
     assert!(!links.contains("vtap"), "{links}");
-    assert!(processes_mentioning(&sandbox.run_dir.to_string_lossy()).is_empty(), "no process left");
+    wait_until(Duration::from_secs(10), "qemu to be gone", || sandbox.qemu_processes().is_empty().then_some(()));
 }
 
 #[test]

@@ -165,6 +165,17 @@ fn linux_image_becomes_healthy_serves_the_lesson_and_stops_cleanly() {
     let took = container.wait_healthy(BOOT_TIMEOUT);
     println!("linux: container start to healthy in {took:?}");
     assert_eq!(container.status()["boot"]["from"], "snapshot", "{}", container.logs(None));
+    // QEMU runs as the image's unprivileged user, from the snapshot too.
+    let status = container.status();
+    assert_eq!(
+        (&status["qemu_user"], &status["qemu_user_note"]),
+        (&"vial-qemu".into(), &serde_json::Value::Null),
+        "{status}"
+    );
+    let uid = docker::stdout(&["exec", container.name(), "id", "-u", "vial-qemu"]).unwrap();
+    let processes = docker::stdout(&["top", container.name(), "-eo", "pid,uid,args"]).unwrap();
+    let qemu = processes.lines().find(|line| line.contains("qemu-system")).unwrap_or_default();
+    assert_eq!(qemu.split_whitespace().nth(1), Some(uid.trim()), "qemu's uid:\n{processes}");
     let addr = container.address().unwrap();
     let body = wait_until(Duration::from_secs(10), "the lesson file over HTTP", || http_get(addr, 80, "/hello.txt"));
     assert_eq!(body, text);

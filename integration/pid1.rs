@@ -8,9 +8,8 @@ use std::time::Duration;
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn assert_no_qemu_left(sandbox: &Sandbox) {
-    let needle = sandbox.run_dir.display().to_string();
     let left = wait_until(Duration::from_secs(10), "qemu to be gone", || {
-        let left = processes_mentioning(&needle);
+        let left = sandbox.qemu_processes();
         left.is_empty().then_some(left)
     });
     assert!(left.is_empty());
@@ -50,7 +49,8 @@ fn boots_serves_the_lesson_over_9p_and_stops_cleanly_on_sigterm() {
         std::fs::metadata(sandbox.run_dir.join(name)).unwrap().permissions().mode() & 0o777
     };
     assert_eq!((mode("qmp.sock"), mode("console.sock"), mode("health.sock")), (0o600, 0o600, 0o666));
-    let confined = processes_mentioning(&sandbox.run_dir.display().to_string())
+    let confined = sandbox
+        .qemu_processes()
         .into_iter()
         .any(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.contains("Seccomp:\t2")));
     assert!(confined, "qemu runs without its seccomp filter\n{}", sandbox.log());
@@ -68,6 +68,67 @@ fn boots_serves_the_lesson_over_9p_and_stops_cleanly_on_sigterm() {
     let (code, out) = sandbox.health(&["--status"]);
     assert_ne!(code, 0);
     assert!(out.contains("\"stopped\""), "{out}");
+}
+
+/// The ids of `pid` as `/proc/PID/status` gives them: (real, effective, saved, filesystem).
+fn uids(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// QEMU runs as the user `VIAL_QEMU_USER` names (here `nobody`: this machine's images add
+/// `vial-qemu`, the host has none) and still gets everything it needs: the kernel, the lesson
+/// over 9p, its forward on port 80 (a privileged port, which vial makes bindable in the
+/// endpoint's namespace), the public sockets vial bound for it (root's, 0600).
+#[test]
+fn qemu_runs_as_an_unprivileged_user_and_still_serves_the_lesson() {
+    let mut sandbox = Sandbox::new("user");
+    let token = format!("served by an unprivileged qemu {}", sandbox.netns);
+    std::fs::write(sandbox.lesson.join("hello.txt"), &token).unwrap();
+    let vial = sandbox.start(&[("VIAL_QEMU_USER", "nobody")], "");
+    sandbox.wait_ready();
+    let status = sandbox.status().unwrap();
+    assert_eq!(
+        (&status["qemu_user"], &status["qemu_user_note"]),
+        (&"nobody".into(), &serde_json::Value::Null),
+        "{status}"
+    );
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid.to_string();
+    let qemu = sandbox.qemu_processes();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    assert_eq!(uids(qemu[0]), [nobody.as_str(); 4].join(" "), "qemu's real, effective, saved and fs uid");
+    let body =
+        wait_until(Duration::from_secs(30), "the lesson file over HTTP", || http_get(sandbox.addr, 80, "/hello.txt"));
+    assert_eq!(body, token);
+    for name in ["qmp.sock", "console.sock"] {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(sandbox.run_dir.join(name)).unwrap();
+        assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (0, 0o600), "{name}");
+    }
+    assert!(qmp_command(&sandbox, "query-status").contains("running"), "the public monitor works");
+    signal(vial, Signal::SIGTERM);
+    assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(0), "{}", sandbox.log());
+    assert_no_qemu_left(&sandbox);
+}
+
+/// A user QEMU cannot run as is a configuration error naming the setting and the fix.
+#[test]
+fn a_qemu_user_that_does_not_exist_is_a_configuration_error() {
+    let mut sandbox = Sandbox::new("nouser");
+    sandbox.start(&[("VIAL_QEMU_USER", "no-such-user")], "");
+    assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(78), "{}", sandbox.log());
+    let log = sandbox.log();
+    assert!(
+        log.contains("VIAL_QEMU_USER") && log.contains("\"no-such-user\"") && log.contains("useradd --system"),
+        "{log}"
+    );
+    assert!(sandbox.qemu_processes().is_empty());
 }
 
 #[test]

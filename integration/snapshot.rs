@@ -48,8 +48,7 @@ fn boot(sandbox: &Sandbox) -> serde_json::Value {
 fn stop_cleanly(sandbox: &mut Sandbox, vial: u32) {
     signal(vial, Signal::SIGTERM);
     assert_eq!(sandbox.wait(STOP_TIMEOUT).code(), Some(0), "clean power-off\n{}", sandbox.log());
-    let needle = sandbox.run_dir.display().to_string();
-    wait_until(Duration::from_secs(10), "qemu to be gone", || processes_mentioning(&needle).is_empty().then_some(()));
+    wait_until(Duration::from_secs(10), "qemu to be gone", || sandbox.qemu_processes().is_empty().then_some(()));
 }
 
 #[test]
@@ -236,9 +235,8 @@ fn sigterm_during_a_snapshot_load_removes_the_loading_qemu_and_exits_0() {
 
     std::fs::write(&hold, "").unwrap();
     let vial = sandbox.start(&[qemu], "");
-    let needle = sandbox.run_dir.display().to_string();
     wait_until(Duration::from_secs(30), "the snapshot's qemu, held as it loads", || {
-        processes_mentioning(&needle).into_iter().find(|&pid| proc_state(pid) == Some('T'))
+        sandbox.qemu_processes().into_iter().find(|&pid| proc_state(pid) == Some('T'))
     });
     signal(vial, Signal::SIGTERM);
     let exit = sandbox.wait(STOP_TIMEOUT);
@@ -246,6 +244,6 @@ fn sigterm_during_a_snapshot_load_removes_the_loading_qemu_and_exits_0() {
     let (_, out) = sandbox.health(&["--status"]);
     assert!(out.contains("\"stopped\"") && out.contains("SIGTERM received before the VM started"), "{out}");
     wait_until(Duration::from_secs(10), "the held qemu to be gone", || {
-        processes_mentioning(&needle).is_empty().then_some(())
+        sandbox.qemu_processes().is_empty().then_some(())
     });
 }

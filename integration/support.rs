@@ -137,13 +137,18 @@ impl Sandbox {
         }
     }
 
+    /// The endpoint's QEMU processes (their `-name` says `process=qemu-NAME`).
+    pub fn qemu_processes(&self) -> Vec<u32> {
+        processes_mentioning(&format!("process=qemu-{}", self.name))
+    }
+
     /// What the guest printed on its serial console so far.
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default()
     }
 }
 
-/// Processes whose command line mentions `needle` (QEMU's mentions its run directory).
+/// Processes whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {

@@ -48,6 +48,9 @@ pub enum SetupError {
     /// KVM was required and is not usable.
     #[error(transparent)]
     Accel(#[from] KvmUnavailable),
+    /// QEMU cannot run as the user the configuration names.
+    #[error(transparent)]
+    User(#[from] crate::vm::user::UserError),
     /// The management interface has no address.
     #[error(transparent)]
     Mgmt(#[from] MgmtError),
@@ -88,9 +91,9 @@ impl SetupError {
             | SetupError::Overlay(OverlayError::QemuImgMissing)
             | SetupError::Save(SaveError::Launch(LaunchError::QemuMissing { .. }))
             | SetupError::Save(SaveError::Overlay(OverlayError::QemuImgMissing)) => Outcome::QemuMissing,
-            SetupError::Accel(_) | SetupError::Save(SaveError::NoTarget { .. } | SaveError::Accel(_)) => {
-                Outcome::Config
-            }
+            SetupError::Accel(_)
+            | SetupError::User(_)
+            | SetupError::Save(SaveError::NoTarget { .. } | SaveError::Accel(_)) => Outcome::Config,
             SetupError::DataPlane(DataPlaneError::Wait(WaitError::Timeout { .. })) => Outcome::InterfacesTimeout,
             SetupError::Signals(_)
             | SetupError::Create { .. }

@@ -134,6 +134,10 @@ pub struct Status {
     pub accel: Option<String>,
     /// Why `auto` chose TCG, when it did.
     pub accel_note: Option<String>,
+    /// The user QEMU runs as (`vm::user`), once decided.
+    pub qemu_user: Option<String>,
+    /// Why QEMU runs as root under `machine.user = "auto"`, when it does.
+    pub qemu_user_note: Option<String>,
     /// The guest's run state as QMP last reported it (`running`, `paused`, `shutdown`, ...).
     pub vm_run_state: Option<String>,
     /// Forwarded management ports.
@@ -157,6 +161,8 @@ impl Status {
             qemu_pid: None,
             accel: None,
             accel_note: None,
+            qemu_user: None,
+            qemu_user_note: None,
             vm_run_state: None,
             forwards: Vec::new(),
             links: Vec::new(),
@@ -176,6 +182,8 @@ impl Status {
             "qemu_pid": self.qemu_pid,
             "accel": self.accel,
             "accel_note": self.accel_note,
+            "qemu_user": self.qemu_user,
+            "qemu_user_note": self.qemu_user_note,
             "vm": self.vm_run_state,
             "forwards": self.forwards,
             "links": self.links,

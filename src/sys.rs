@@ -37,27 +37,48 @@ pub fn kvm_usable() -> Result<(), String> {
     Ok(())
 }
 
+/// A user's ids and groups, for a process to run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user id.
+    pub uid: nix::unistd::Uid,
+    /// The primary group.
+    pub gid: nix::unistd::Gid,
+    /// Every group, the primary one included.
+    pub groups: Vec<nix::unistd::Gid>,
+}
+
 /// Spawns `command` as QEMU must run under `vial`:
 /// - in its own process group, so a Ctrl-C on a terminal reaches only `vial` (which stops
 ///   the guest cleanly) and not QEMU (which would quit at once);
 /// - with `PR_SET_PDEATHSIG` = SIGKILL, so QEMU never outlives `vial` even if `vial` is
 ///   killed without a chance to clean up (prctl(2); it fires when the spawning *thread*
 ///   exits, which is why `vial` runs a current-thread runtime and spawns from it);
+/// - as `user` when one is given (`vm::user`), root otherwise;
 /// - inheriting the descriptors in `inherit` (QMP listener, macvtap fds), whose close-on-exec
 ///   flag is cleared in the child only;
-/// - with umask 0177, so the sockets QEMU binds in the run directory (`qmp.sock`,
-///   `console.sock`) are 0600 from the moment they exist: whoever connects owns the guest
-///   (the QMP monitor can dump its memory). Nothing else QEMU creates depends on it: the 9p
-///   server sets each file's mode itself, and the console log is vial's pipe.
-pub fn spawn_supervised(command: &mut Command, inherit: &[RawFd]) -> io::Result<Child> {
+/// - with umask 0177, so that anything QEMU creates by path (the sockets of a QEMU given
+///   paths instead of vial's listeners) is 0600 from the moment it exists: whoever connects
+///   owns the guest (the QMP monitor can dump its memory). The 9p server sets each file's
+///   mode itself, and the console log is vial's pipe.
+pub fn spawn_supervised(command: &mut Command, inherit: &[RawFd], user: Option<&Credentials>) -> io::Result<Child> {
     let inherit = inherit.to_vec();
+    let user = user.cloned();
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs between fork and exec in the child. It only calls
-    // async-signal-safe functions (setpgid, prctl, umask, getppid, fcntl, kill via nix, which are
-    // thin syscall wrappers) and allocates nothing: `inherit` was copied before the fork.
+    // async-signal-safe functions (setpgid, setgroups, setgid, setuid, prctl, umask, getppid,
+    // fcntl, kill via nix, which are thin syscall wrappers) and allocates nothing: `inherit`
+    // and `user` were copied before the fork.
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+            // The groups and the gid first, while the process may still change them; the
+            // death signal after, since a change of credentials clears it (prctl(2)).
+            if let Some(user) = &user {
+                nix::unistd::setgroups(&user.groups)?;
+                nix::unistd::setgid(user.gid)?;
+                nix::unistd::setuid(user.uid)?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
             // If vial died between fork and prctl, the death signal was missed: leave now.

@@ -47,6 +47,7 @@ fn check_profile_text(text: &str) {
                 share: None,
                 data_nics: Vec::new(),
                 restore: false,
+                user: None,
             };
             let launch = crate::vm::Launch { sandbox: true, ..start.launch(&config, 3) };
             assert_deadlines_fit(&config.profile);

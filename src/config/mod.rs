@@ -13,7 +13,9 @@ mod validate;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use profile::{AccelChoice, Forward, NicLayout, Plumbing, Probe, Profile, ProfileFile, Protocol, Snapshot};
+pub use profile::{
+    AccelChoice, Forward, NicLayout, Plumbing, Probe, Profile, ProfileFile, Protocol, QemuUser, Snapshot,
+};
 use settings::OTHER_VARS;
 pub use settings::{Flags, Key, SETTINGS};
 

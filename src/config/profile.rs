@@ -118,6 +118,10 @@ pub struct MachineFile {
     /// The QEMU binary, by name on PATH or absolute path.
     #[serde(default = "default_qemu")]
     pub qemu: String,
+    /// Who QEMU runs as: `auto` (`vial-qemu` where the image allows, else root), `root`, or
+    /// a user name.
+    #[serde(default = "default_user")]
+    pub user: String,
     /// Further QEMU arguments appended verbatim.
     #[serde(default)]
     pub extra_args: Vec<String>,
@@ -306,6 +310,9 @@ fn default_accel() -> String {
 fn default_qemu() -> String {
     "qemu-system-x86_64".into()
 }
+fn default_user() -> String {
+    "auto".into()
+}
 fn default_disk_format() -> String {
     "qcow2".into()
 }
@@ -368,6 +375,39 @@ impl AccelChoice {
             _ => None,
         }
     }
+}
+
+/// Who QEMU runs as (`machine.user`); see `vm::user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuUser {
+    /// [`QemuUser::DEFAULT`] where the image has it and it can run QEMU; root otherwise.
+    Auto,
+    /// Root, as QEMU ran before vial confined it.
+    Root,
+    /// This user, or the start fails.
+    Named(String),
+}
+
+impl QemuUser {
+    /// The user `auto` looks for.
+    pub const DEFAULT: &'static str = "vial-qemu";
+
+    /// Parses `auto`, `root` or a user name (as `useradd` takes it: a lower-case letter or
+    /// `_`, then letters, digits, `_`, `-`, at most 32 bytes).
+    pub fn parse(value: &str) -> Option<QemuUser> {
+        match value {
+            "auto" => Some(QemuUser::Auto),
+            "root" => Some(QemuUser::Root),
+            name if is_user_name(name) => Some(QemuUser::Named(name.to_string())),
+            _ => None,
+        }
+    }
+}
+
+fn is_user_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let first_ok = matches!(bytes.next(), Some(b'a'..=b'z' | b'_'));
+    first_ok && name.len() <= 32 && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
 }
 
 /// The data plane mode between a container link and a VM NIC.
@@ -555,6 +595,8 @@ pub struct Profile {
     pub accel: AccelChoice,
     /// QEMU binary.
     pub qemu: String,
+    /// Who QEMU runs as.
+    pub qemu_user: QemuUser,
     /// Extra QEMU arguments.
     pub extra_args: Vec<String>,
     /// Kernel boot.

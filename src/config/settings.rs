@@ -40,6 +40,8 @@ pub enum Key {
     LinkTimeout,
     /// QEMU binary.
     Qemu,
+    /// Who QEMU runs as.
+    QemuUser,
     /// Extra QEMU arguments (whitespace-separated).
     QemuArgs,
     /// The endpoint's name (MAC addresses derive from it; the guest is told it).
@@ -222,6 +224,17 @@ pub const SETTINGS: &[Setting] = &[
         help: "the QEMU binary",
         profile: Some(("machine.qemu", |file, value| {
             file.machine.qemu = value;
+            Ok(())
+        })),
+    },
+    Setting {
+        key: Key::QemuUser,
+        env: "VIAL_QEMU_USER",
+        flag: "qemu-user",
+        value_name: "auto|root|USER",
+        help: "who QEMU runs as: auto (vial-qemu where the image allows, else root), root or a user",
+        profile: Some(("machine.user", |file, value| {
+            file.machine.user = value;
             Ok(())
         })),
     },

@@ -103,6 +103,36 @@ fn env_overrides_apply_and_problems_name_the_variable() {
 }
 
 #[test]
+fn the_qemu_user_is_auto_root_or_a_user_name_and_anything_else_names_the_fix() {
+    let (file, _) = repo_profile("linux");
+    assert_eq!(file.clone().validate().unwrap().qemu_user, QemuUser::Auto, "auto by default");
+    for (value, expected) in [
+        ("auto", Some(QemuUser::Auto)),
+        ("root", Some(QemuUser::Root)),
+        ("vial-qemu", Some(QemuUser::Named("vial-qemu".into()))),
+        ("_qemu2", Some(QemuUser::Named("_qemu2".into()))),
+        ("", None),
+        ("Root", None),
+        ("1qemu", None),
+        ("qemu user", None),
+        ("../etc", None),
+        ("a-name-of-thirty-three-characters", None),
+    ] {
+        let result = file.clone().validate_with(&env(&[("VIAL_QEMU_USER", value)]));
+        match expected {
+            Some(user) => assert_eq!(result.unwrap().qemu_user, user, "{value:?}"),
+            None => {
+                let err = result.unwrap_err();
+                assert_eq!(err.0.len(), 1, "{value:?}");
+                assert_eq!(err.0[0].field, "VIAL_QEMU_USER (overrides machine.user)");
+                assert_eq!(err.0[0].value, value);
+                assert!(err.0[0].fix.contains("use auto"), "{}", err.0[0].fix);
+            }
+        }
+    }
+}
+
+#[test]
 fn flags_win_over_environment() {
     let mut overrides = env(&[("VIAL_ACCEL", "kvm")]);
     overrides.set_flag(Key::Accel, "tcg".into());

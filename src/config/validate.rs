@@ -67,6 +67,14 @@ impl ProfileFile {
             bad("machine.accel", &self.machine.accel, "use auto, kvm or tcg");
             AccelChoice::Auto
         });
+        let qemu_user = QemuUser::parse(&self.machine.user).unwrap_or_else(|| {
+            bad(
+                "machine.user",
+                &self.machine.user,
+                "use auto (vial-qemu where the image has it, else root), root, or a user name such as vial-qemu",
+            );
+            QemuUser::Auto
+        });
         if !["pc", "q35", "microvm"]
             .iter()
             .any(|m| self.machine.machine_type == *m || self.machine.machine_type.starts_with(&format!("{m}-")))
@@ -310,6 +318,7 @@ impl ProfileFile {
             vcpus: self.machine.vcpus,
             accel,
             qemu: self.machine.qemu.clone(),
+            qemu_user,
             extra_args: self.machine.extra_args.clone(),
             boot,
             disks,

@@ -250,6 +250,16 @@ impl Endpoint {
             }
         }
 
+        let user = vm::user::choose(&profile, accel, share.as_deref(), Path::new(vm::user::UNPRIVILEGED_PORT_START))?;
+        if let Some(note) = &user.note {
+            tracing::warn!(%note, "qemu runs as root");
+        }
+        self.status.send_modify(|status| {
+            status.qemu_user = Some(user.name().into());
+            status.qemu_user_note = user.note.clone();
+        });
+        let user = user.run_as;
+
         self.set_phase(Phase::WaitingForInterfaces, None);
         let dataplane = DataPlane::start(&profile, &self.config.mgmt_iface).await?;
         self.set_phase(Phase::Plumbing, None);
@@ -270,7 +280,7 @@ impl Endpoint {
                         SnapshotNics::CommandLine { nics: dataplane.data_nics(), fds: dataplane.fds() }
                     }
                 };
-                match restore::restore(&self.config, target, accel, share.clone(), nics).await {
+                match restore::restore(&self.config, target, accel, share.clone(), nics, user.clone()).await {
                     Ok(restored) => {
                         self.created.extend(restored.created);
                         self.status.send_modify(|status| status.qemu_pid = Some(restored.pid));
@@ -288,7 +298,7 @@ impl Endpoint {
             None => None,
         };
         let disks = vm::disk::prepare_overlays(&profile.disks, &self.config.state_dir, vm::disk::Base::Image)?;
-        let start = Start { accel, disks, share, data_nics: dataplane.data_nics(), restore: false };
+        let start = Start { accel, disks, share, data_nics: dataplane.data_nics(), restore: false, user };
         let started = qemu::start_qemu(&self.config, &start, &dataplane.fds())?;
         self.created.extend(started.created);
         self.status.send_modify(|status| status.qemu_pid = Some(started.pid));
@@ -626,6 +636,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 pub fn dry_run_argv(config: &Config) -> Result<Vec<std::ffi::OsString>, SetupError> {
     let (accel, _) = vm::accel::choose(&config.profile)?;
     let disks = (0..config.profile.disks.len()).map(|i| vm::disk::overlay_path(&config.state_dir, i)).collect();
-    let start = Start { accel, disks, share: qemu::lesson_dir(config), data_nics: Vec::new(), restore: false };
+    let start =
+        Start { accel, disks, share: qemu::lesson_dir(config), data_nics: Vec::new(), restore: false, user: None };
     Ok(vm::qemu_argv(&config.profile, &start.launch(config, 3)))
 }

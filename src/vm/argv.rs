@@ -25,6 +25,10 @@ pub struct Launch {
     pub share: Option<PathBuf>,
     /// The listening socket QEMU serves `vial`'s own QMP monitor on (inherited).
     pub control_fd: RawFd,
+    /// The listening sockets of the public QMP monitor and the serial console (inherited;
+    /// vial binds them, so QEMU never writes in the run directory); `None` names
+    /// `qmp.sock` and `console.sock` for QEMU to bind (`vial argv`, a snapshot's machine line).
+    pub listener_fds: Option<Listeners>,
     /// The endpoint's name (the VM's name; MACs derive from it).
     pub name: String,
     /// Data NICs, in guest order.
@@ -40,6 +44,15 @@ pub struct Launch {
     pub console_log_fd: Option<RawFd>,
     /// Run QEMU under its seccomp sandbox ([`SANDBOX`]), decided once at start.
     pub sandbox: bool,
+}
+
+/// The inherited listeners of [`Launch::listener_fds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listeners {
+    /// `qmp.sock`.
+    pub qmp: RawFd,
+    /// `console.sock`.
+    pub console: RawFd,
 }
 
 /// QEMU's seccomp sandbox as vial asks for it (qemu(1) `-sandbox`): besides the default
@@ -267,7 +280,11 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
         Some(fd) => format!("/proc/self/fd/{fd}"),
         None => run(rundir::CONSOLE_LOG),
     };
-    let console = format!("socket,id=console,path={},server=on,wait=off,logfile={console_log}", run(rundir::CONSOLE));
+    let (console_socket, qmp_socket) = match launch.listener_fds {
+        Some(fds) => (format!("fd={}", fds.console), format!("fd={}", fds.qmp)),
+        None => (format!("path={}", run(rundir::CONSOLE)), format!("path={}", run(rundir::QMP))),
+    };
+    let console = format!("socket,id=console,{console_socket},server=on,wait=off,logfile={console_log}");
     push(&["-chardev", &console]);
     push(&["-serial", "chardev:console"]);
     // vial's own monitor: a listener vial bound before the launch, so vial can connect at
@@ -275,7 +292,7 @@ pub fn qemu_argv(profile: &Profile, launch: &Launch) -> Vec<OsString> {
     push(&["-chardev", &format!("socket,id=control,fd={},server=on,wait=off", launch.control_fd)]);
     push(&["-mon", "chardev=control,mode=control"]);
     // A second monitor for people and tools, so they never take vial's.
-    push(&["-chardev", &format!("socket,id=qmp,path={},server=on,wait=off", run(rundir::QMP))]);
+    push(&["-chardev", &format!("socket,id=qmp,{qmp_socket},server=on,wait=off")]);
     push(&["-mon", "chardev=qmp,mode=control"]);
 
     if launch.restore {

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod qemu;
 pub mod readiness;
 pub mod snapshot;
+pub mod user;
 
 pub use accel::{resolve_accel, Accel};
 pub use argv::{qemu_argv, Launch};

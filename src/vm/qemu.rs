@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::argv::{qemu_argv, DataNic, Launch};
+use super::argv::{qemu_argv, DataNic, Launch, Listeners};
+use super::user::RunAs;
 use super::Accel;
 use crate::config::Config;
 use crate::rundir;
@@ -28,6 +29,26 @@ pub enum LaunchError {
     Control {
         /// The socket.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The public monitor's or the console's socket could not be bound.
+    #[error("cannot bind {}", path.display())]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A disk overlay could not be given to the user QEMU runs as.
+    #[error("cannot give the overlay {} to {user}", path.display())]
+    Chown {
+        /// The overlay.
+        path: PathBuf,
+        /// The user.
+        user: String,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -153,15 +174,17 @@ fn finish_probe(child: &mut std::process::Child) -> Result<(), String> {
 }
 
 /// Starts QEMU with `argv` (argv[0] names the binary), keeping `inherit` open in it.
-pub fn spawn_qemu(argv: &[OsString], inherit: &[RawFd]) -> Result<Child, LaunchError> {
+pub fn spawn_qemu(argv: &[OsString], inherit: &[RawFd], user: Option<&RunAs>) -> Result<Child, LaunchError> {
     let name = argv[0].to_string_lossy().to_string();
     let binary = find_binary(&name).ok_or(LaunchError::QemuMissing { binary: name })?;
     let mut command = Command::new(&binary);
     command.args(&argv[1..]).stdin(Stdio::null());
-    tracing::info!(binary = %binary.display(), "starting qemu");
+    let credentials = user.map(|user| &user.credentials);
+    tracing::info!(binary = %binary.display(), user = user.map_or("root", |u| u.name.as_str()), "starting qemu");
     tracing::debug!(argv = ?argv, "qemu argv");
-    let child = crate::reaper::spawn_own(&mut command, |command| crate::sys::spawn_supervised(command, inherit))
-        .map_err(|source| LaunchError::Spawn { binary, source })?;
+    let child =
+        crate::reaper::spawn_own(&mut command, |command| crate::sys::spawn_supervised(command, inherit, credentials))
+            .map_err(|source| LaunchError::Spawn { binary, source })?;
     // `spawn` returns once the exec succeeded (std waits on a close-on-exec pipe).
     tracing::info!(pid = child.id(), "qemu started");
     Ok(child)
@@ -188,6 +211,8 @@ pub struct Start {
     pub data_nics: Vec<DataNic>,
     /// Start paused, waiting for a RAM snapshot.
     pub restore: bool,
+    /// Who QEMU runs as (`vm::user`); `None` is root.
+    pub user: Option<RunAs>,
 }
 
 impl Start {
@@ -200,6 +225,7 @@ impl Start {
             disks: self.disks.clone(),
             share: self.share.clone(),
             control_fd,
+            listener_fds: None,
             name: config.name.clone(),
             data_nics: self.data_nics.clone(),
             extra_args: config.qemu_args.clone(),
@@ -230,12 +256,30 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
     let _ = std::fs::remove_file(&control_path);
     let control_listener = std::os::unix::net::UnixListener::bind(&control_path).map_err(control_error)?;
     created.push(control_path.clone());
-    // Files QEMU creates; removed on exit in case QEMU is killed before it can. QEMU binds
-    // them under the umask `sys::spawn_supervised` gives it, so they are 0600 from the start.
+    // The public monitor and the console: vial binds them and QEMU serves them, so QEMU needs
+    // no access to the run directory, and they are root's and 0600 whoever QEMU runs as
+    // (whoever connects owns the guest: the QMP monitor can dump its memory).
+    let mut listeners = Vec::new();
     for name in [rundir::QMP, rundir::CONSOLE] {
         let path = run_path(name);
+        let error = |source| LaunchError::Socket { path: path.clone(), source };
         let _ = std::fs::remove_file(&path);
-        created.push(path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(error)?;
+        created.push(path.clone());
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(error)?;
+        listeners.push(OwnedFd::from(listener));
+    }
+    let listener_fds = Listeners { qmp: listeners[0].as_raw_fd(), console: listeners[1].as_raw_fd() };
+    // QEMU runs as the user: it writes its overlays.
+    if let Some(user) = &start.user {
+        for disk in &start.disks {
+            let (uid, gid) = (user.credentials.uid, user.credentials.gid);
+            nix::unistd::chown(disk, Some(uid), Some(gid)).map_err(|err| LaunchError::Chown {
+                path: disk.clone(),
+                user: user.name.clone(),
+                source: err.into(),
+            })?;
+        }
     }
     let console_log = run_path(rundir::CONSOLE_LOG);
     let log_error = |source| LaunchError::ConsoleLog { path: console_log.clone(), source };
@@ -243,10 +287,20 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
     // itself, uncapped, rather than failing to start.
     let log_write = if Path::new("/proc/self/fd").is_dir() {
         let (log_read, log_write) = super::console::pipe().map_err(log_error)?;
+        // Opening the pipe by its /proc path checks the pipe's owner: make it QEMU's user.
+        if let Some(user) = &start.user {
+            let (uid, gid) = (user.credentials.uid, user.credentials.gid);
+            nix::unistd::fchown(&log_write, Some(uid), Some(gid)).map_err(|err| log_error(err.into()))?;
+        }
         super::console::spawn_writer(log_read, console_log.clone(), super::console::LOG_CAP).map_err(log_error)?;
         Some(log_write)
     } else {
         tracing::warn!("no /proc: qemu writes the console log itself, without a cap");
+        if let Some(user) = &start.user {
+            let (uid, gid) = (user.credentials.uid, user.credentials.gid);
+            std::fs::File::create(&console_log).map_err(log_error)?;
+            nix::unistd::chown(&console_log, Some(uid), Some(gid)).map_err(|err| log_error(err.into()))?;
+        }
         None
     };
     // The connection waits in the listener's backlog until QEMU accepts it.
@@ -258,15 +312,20 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
         .map_err(control_error)?;
 
     let console_log_fd = log_write.as_ref().map(|fd| fd.as_raw_fd());
-    let launch = Launch { console_log_fd, ..start.launch(config, control_listener.as_raw_fd()) };
+    let launch = Launch {
+        console_log_fd,
+        listener_fds: Some(listener_fds),
+        ..start.launch(config, control_listener.as_raw_fd())
+    };
     let argv = qemu_argv(&config.profile, &launch);
     let mut inherit = inherit.to_vec();
-    inherit.push(control_listener.as_raw_fd());
+    inherit.extend([control_listener.as_raw_fd(), listener_fds.qmp, listener_fds.console]);
     inherit.extend(console_log_fd);
-    let child = spawn_qemu(&argv, &inherit)?;
-    // QEMU holds the listener and the log's write end now; ours would only keep the socket
+    let child = spawn_qemu(&argv, &inherit, start.user.as_ref())?;
+    // QEMU holds the listeners and the log's write end now; ours would only keep the sockets
     // alive after QEMU dies, and keep the log writer from seeing QEMU's end.
     drop(OwnedFd::from(control_listener));
+    drop(listeners);
     drop(log_write);
     Ok(Started { pid: child.id(), control, created })
 }

@@ -124,7 +124,8 @@ pub struct Sandbox {
     pub profile: PathBuf,
     host_if: String,
     vial: PathBuf,
-    name: String,
+    /// The endpoint's name (`VIAL_NAME`).
+    pub name: String,
     /// `ip netns exec ... unshare ...`, once started.
     child: Option<Child>,
 }

@@ -16,6 +16,7 @@ fn launch(accel: Accel, disks: usize, data_nics: Vec<DataNic>) -> Launch {
         disks: (0..disks).map(|i| PathBuf::from(format!("/var/lib/vial/disk{i}.qcow2"))).collect(),
         share: Some("/antidote".into()),
         control_fd: 3,
+        listener_fds: None,
         name: "r1".into(),
         data_nics,
         extra_args: Vec::new(),

@@ -211,6 +211,7 @@ pub fn machine_argv(profile: &Profile, accel: Accel, extra_args: &[String]) -> V
         disks: (0..profile.disks.len()).map(|i| PathBuf::from(format!("disk{i}.qcow2"))).collect(),
         share: None,
         control_fd: 3,
+        listener_fds: None,
         name: "snapshot".into(),
         data_nics: Vec::new(),
         extra_args: extra_args.to_vec(),

@@ -19,6 +19,7 @@ use crate::qmp::{self, HotplugNic, Qmp};
 use crate::vm::argv::DataNic;
 use crate::vm::disk::{self, Base};
 use crate::vm::qemu::{self, Start};
+use crate::vm::user::RunAs;
 use crate::vm::{argv, Accel};
 
 /// How the data NICs reach a guest started from its snapshot, which has none.
@@ -73,6 +74,7 @@ pub async fn restore(
     accel: Accel,
     share: Option<PathBuf>,
     nics: SnapshotNics,
+    user: Option<RunAs>,
 ) -> Result<Restored, SnapshotError> {
     let manifest = check(config, snapshot, accel)?;
     let (hotplug, data_nics, fds) = match nics {
@@ -89,7 +91,7 @@ pub async fn restore(
     let disks = disk::prepare_overlays(&profile.disks, &config.state_dir, Base::Layers(&snapshot.dir))?;
     // The overlays over the snapshot's layers go with any failure from here: the cold boot
     // makes its own over the image's disks.
-    let start = Start { accel, disks, share: share.clone(), data_nics, restore: true };
+    let start = Start { accel, disks, share: share.clone(), data_nics, restore: true, user };
     let started = match qemu::start_qemu(config, &start, &fds) {
         Ok(started) => started,
         Err(err) => {

@@ -103,7 +103,8 @@ async fn capture(config: &Config, target: &Snapshot, accel: Accel) -> Result<Man
     // A new snapshot replaces the old one whole: no layer of it may survive.
     super::remove(dir, &profile.disks);
     let disks = disk::prepare_overlays(&profile.disks, dir, Base::Image)?;
-    let start = Start { accel, disks, share: None, data_nics: Vec::new(), restore: false };
+    // At image build time, from the image's own files: QEMU runs as root, as the build does.
+    let start = Start { accel, disks, share: None, data_nics: Vec::new(), restore: false, user: None };
     let started = qemu::start_qemu(config, &start, &[])?;
     let result = save(config, target, started.control, started.pid, accel).await;
     qemu::kill_and_reap(started.pid);

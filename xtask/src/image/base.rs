@@ -4,8 +4,8 @@
 //! registry is needed; a user who has one names their own base with `--base`.
 //!
 //! Recommends are not installed (debootstrap resolves Depends only), and documentation,
-//! translations and apt's lists are removed: the image runs QEMU, nothing else. This module
-//! never builds an endpoint image.
+//! translations and apt's lists are removed: the image runs QEMU, nothing else, as the user
+//! `vial-qemu`, which the base adds. This module never builds an endpoint image.
 
 use std::fs;
 use std::path::Path;
@@ -24,7 +24,7 @@ pub(crate) const IMAGE: &str = "vial/base:bookworm";
 const PACKAGES: &[&str] = &["qemu-system-x86", "qemu-utils"];
 
 /// Part of the cache key: bump when this file changes how the base is assembled.
-const BASE_VERSION: u32 = 1;
+const BASE_VERSION: u32 = 2;
 
 /// The label holding the cache key on the image itself.
 const STAMP_LABEL: &str = "vial.base.stamp";
@@ -72,10 +72,25 @@ pub(crate) fn ensure(rebuild: bool) -> Result<String> {
     let rootfs = cache.join("base-rootfs");
     debootstrap::run(PACKAGES, &rootfs)?;
     check_qemu_versions(&rootfs)?;
+    add_qemu_user(&rootfs)?;
     prune(&rootfs)?;
     import(&rootfs, &stamp)?;
     fs::remove_dir_all(&rootfs).with_context(|| format!("removing {}", rootfs.display()))?;
     Ok(IMAGE.into())
+}
+
+/// Adds the unprivileged user QEMU runs as (vial's `machine.user = "auto"`): a system user
+/// with no home and no login.
+fn add_qemu_user(rootfs: &Path) -> Result<()> {
+    let user = vial::config::QemuUser::DEFAULT;
+    let status = Command::new("chroot")
+        .arg(rootfs)
+        .args(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"])
+        .args(["--shell", "/usr/sbin/nologin", user])
+        .status()
+        .context("running useradd in the base's root filesystem")?;
+    ensure!(status.success(), "useradd {user} in {} failed ({status})", rootfs.display());
+    Ok(())
 }
 
 /// `tar -c rootfs | docker import - IMAGE`, with the stamp as a label.

@@ -259,6 +259,14 @@ impl Endpoint {
             status.qemu_user_note = user.note.clone();
         });
         let user = user.run_as;
+        // The empty share vial made (no lesson directory) is the guest's, through QEMU.
+        if let (Some(dir), Some(run_as)) = (&share, &user) {
+            if *dir == run_dir.join(rundir::EMPTY_LESSON) {
+                let (uid, gid) = (run_as.credentials.uid, run_as.credentials.gid);
+                nix::unistd::chown(dir, Some(uid), Some(gid))
+                    .map_err(|err| SetupError::Create { path: dir.clone(), source: err.into() })?;
+            }
+        }
 
         self.set_phase(Phase::WaitingForInterfaces, None);
         let dataplane = DataPlane::start(&profile, &self.config.mgmt_iface).await?;

@@ -4,8 +4,10 @@
 //! every device and socket QEMU uses (TAPs, macvtaps, vhost-net, the QMP and console
 //! listeners, the snapshot's stream) and hands them over, so an unprivileged QEMU needs only:
 //!
-//! - read access to the kernel, initrd and disk images, and to the lesson directory (9p
-//!   serves it with QEMU's rights); its disk overlays are given to it;
+//! - read access to the kernel, initrd and disk images, and to everything in the lesson
+//!   directory (9p serves it with QEMU's rights; a writable share is written with them too);
+//!   its disk overlays are given to it, and so is the empty share vial makes when there is
+//!   no lesson;
 //! - `/dev/kvm` under KVM (its group is added to QEMU's groups);
 //! - the management forwards' ports on loopback, which must not be privileged ports: vial
 //!   lowers `net.ipv4.ip_unprivileged_port_start` in the endpoint's network namespace when it
@@ -139,6 +141,15 @@ fn obstacle(
             ));
         }
     }
+    if let Some(dir) = share {
+        if let Err(reason) = tree_readable(dir, who) {
+            return Some(format!(
+                "{reason}, and the guest reads the lesson with QEMU's rights: make the lesson readable by {} \
+                 (chmod -R o+rX), or set VIAL_QEMU_USER=root",
+                run_as.name
+            ));
+        }
+    }
     if accel == Accel::Kvm {
         match device_group(Path::new(KVM_DEVICE), who) {
             Ok(Some(group)) => run_as.credentials.groups.push(group),
@@ -180,6 +191,42 @@ fn allowed(path: &Path, access: Access, who: &Credentials) -> Result<(), String>
     };
     if !permits(&path, want, who)? {
         return Err(format!("{} cannot be read by uid {}", path.display(), who.uid));
+    }
+    Ok(())
+}
+
+/// How many entries of the lesson directory [`tree_readable`] looks at; a lesson has tens.
+const TREE_LIMIT: usize = 10_000;
+
+/// Whether every file and directory under `dir` (not following symbolic links, up to
+/// [`TREE_LIMIT`] entries) can be read by `who`; `Err` names the first that cannot.
+fn tree_readable(dir: &Path, who: &Credentials) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut pending = vec![dir.to_path_buf()];
+    let mut seen = 0;
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > TREE_LIMIT {
+                tracing::debug!(dir = %dir.display(), limit = TREE_LIMIT, "lesson directory not checked past its first entries");
+                return Ok(());
+            }
+            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            let want = if meta.is_dir() {
+                Mode::S_IROTH | Mode::S_IXOTH
+            } else if meta.is_file() {
+                Mode::S_IROTH
+            } else {
+                continue;
+            };
+            if !granted(meta.mode(), Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid()), want.bits(), who) {
+                return Err(format!("{} cannot be read by uid {}", entry.path().display(), who.uid));
+            }
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
     }
     Ok(())
 }

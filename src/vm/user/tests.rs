@@ -94,6 +94,18 @@ fn an_unprivileged_user_gets_the_files_groups_and_ports_it_needs_or_the_reason()
     assert_eq!((run_as.credentials.uid, choice.note), (nobody.uid, None));
     assert_eq!(std::fs::read_to_string(&sysctl).unwrap(), "22", "port 22 made bindable");
 
+    // A lesson file only root can read: the guest could not read it through 9p.
+    let secret = dir.join("lesson").join("stage0");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("notes.txt"), "root's").unwrap();
+    std::fs::set_permissions(secret.join("notes.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let lesson = dir.join("lesson");
+    let err = choose(&profile(&kernel, 2222, "nobody"), Accel::Tcg, Some(&lesson), &sysctl).unwrap_err().to_string();
+    assert!(err.contains(&format!("{}/notes.txt cannot be read", secret.display())), "{err}");
+    assert!(err.contains("chmod -R o+rX"), "{err}");
+    std::fs::set_permissions(secret.join("notes.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(choose(&profile(&kernel, 2222, "nobody"), Accel::Tcg, Some(&lesson), &sysctl).is_ok());
+
     // A kernel only root can read: named, an error that names the file; auto would keep root.
     std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = choose(&profile(&kernel, 2222, "nobody"), Accel::Tcg, None, &sysctl).unwrap_err().to_string();

@@ -72,7 +72,8 @@ fn a_link_added_after_ready_is_hot_plugged_and_carries_traffic() {
     let net = 100 + (sandbox.addr.octets()[2] % 100);
     let (guest, outside) = (format!("198.18.{net}.2"), format!("198.18.{net}.1"));
     std::fs::write(sandbox.lesson.join("guest-hotplug.sh"), format!("ip addr add {guest}/24 dev \"$1\"\n")).unwrap();
-    let vial = sandbox.start(&[], "");
+    // QEMU unprivileged (as in the images): a hot-plug hands it the TAP over QMP.
+    let vial = sandbox.start(&[("VIAL_QEMU_USER", "nobody")], "");
     sandbox.wait_ready();
     veth_between(&sandbox.netns, "eth1", &peer.0, "eth1", 1500);
     ip(&["-n", &peer.0, "addr", "add", &format!("{outside}/24"), "dev", "eth1"]);

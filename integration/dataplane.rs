@@ -113,7 +113,9 @@ fn a_stop_during_an_unplug_the_guest_cannot_answer_is_not_held_up_by_it() {
     let mut sandbox = Sandbox::new("unplug-stop");
     let peer = Netns::new("unps");
     veth_between(&sandbox.netns, "eth1", &peer.0, "eth1", 1500);
-    let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1"), ("VIAL_STOP_TIMEOUT", "3s")], "");
+    // A stop timeout near the unplug's 10 s keeps `stopping` visible long enough on a
+    // loaded machine: QEMU quits when it runs out.
+    let vial = sandbox.start(&[("VIAL_DATA_IFACES", "1"), ("VIAL_STOP_TIMEOUT", "8s")], "");
     sandbox.wait_ready();
     assert!(qmp_command(&sandbox, "stop").contains("\"return\""));
     ip(&["-n", &peer.0, "link", "del", "eth1"]);

@@ -16,14 +16,17 @@ use nix::sys::signal::Signal;
 nix::ioctl_write_int_bad!(kvm_get_api_version, nix::request_code_none!(0xAE, 0x00));
 nix::ioctl_write_int_bad!(kvm_create_vm, nix::request_code_none!(0xAE, 0x01));
 
+/// The device KVM is opened through.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
 /// Whether KVM can create a VM here: `/dev/kvm` opens read-write, speaks API version 12, and
 /// `KVM_CREATE_VM` succeeds. Returns why not otherwise.
 pub fn kvm_usable() -> Result<(), String> {
     let kvm = OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/kvm")
-        .map_err(|err| format!("cannot open /dev/kvm: {err}"))?;
+        .open(KVM_DEVICE)
+        .map_err(|err| format!("cannot open {KVM_DEVICE}: {err}"))?;
     // SAFETY: KVM_GET_API_VERSION takes no argument; the fd is open for the whole call.
     let version =
         unsafe { kvm_get_api_version(kvm.as_raw_fd(), 0) }.map_err(|err| format!("KVM_GET_API_VERSION: {err}"))?;

@@ -215,8 +215,8 @@ impl<R: Runtime> Lab<R> {
         state.configurator = options.configurator.clone();
         state.vm_env = vec![format!("VIAL_ACCEL={}", options.accel)];
         state.vm_devices = vec!["/dev/net/tun".into()];
-        if options.accel != "tcg" && Path::new("/dev/kvm").exists() {
-            state.vm_devices.push("/dev/kvm".into());
+        if options.accel != "tcg" && Path::new(crate::sys::KVM_DEVICE).exists() {
+            state.vm_devices.push(crate::sys::KVM_DEVICE.into());
         }
         if let Some(pool) = options.mgmt_pool {
             state.subnet = Some(self.free_subnet(pool).await?.to_string());

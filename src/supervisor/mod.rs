@@ -262,9 +262,7 @@ impl Endpoint {
         // The empty share vial made (no lesson directory) is the guest's, through QEMU.
         if let (Some(dir), Some(run_as)) = (&share, &user) {
             if *dir == run_dir.join(rundir::EMPTY_LESSON) {
-                let (uid, gid) = (run_as.credentials.uid, run_as.credentials.gid);
-                nix::unistd::chown(dir, Some(uid), Some(gid))
-                    .map_err(|err| SetupError::Create { path: dir.clone(), source: err.into() })?;
+                run_as.give(dir).map_err(|source| SetupError::Create { path: dir.clone(), source })?;
             }
         }
 

@@ -273,11 +273,10 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
     // QEMU runs as the user: it writes its overlays.
     if let Some(user) = &start.user {
         for disk in &start.disks {
-            let (uid, gid) = (user.credentials.uid, user.credentials.gid);
-            nix::unistd::chown(disk, Some(uid), Some(gid)).map_err(|err| LaunchError::Chown {
+            user.give(disk).map_err(|source| LaunchError::Chown {
                 path: disk.clone(),
                 user: user.name.clone(),
-                source: err.into(),
+                source,
             })?;
         }
     }
@@ -289,17 +288,15 @@ pub fn start_qemu(config: &Config, start: &Start, inherit: &[RawFd]) -> Result<S
         let (log_read, log_write) = super::console::pipe().map_err(log_error)?;
         // Opening the pipe by its /proc path checks the pipe's owner: make it QEMU's user.
         if let Some(user) = &start.user {
-            let (uid, gid) = (user.credentials.uid, user.credentials.gid);
-            nix::unistd::fchown(&log_write, Some(uid), Some(gid)).map_err(|err| log_error(err.into()))?;
+            user.give_fd(&log_write).map_err(log_error)?;
         }
         super::console::spawn_writer(log_read, console_log.clone(), super::console::LOG_CAP).map_err(log_error)?;
         Some(log_write)
     } else {
         tracing::warn!("no /proc: qemu writes the console log itself, without a cap");
         if let Some(user) = &start.user {
-            let (uid, gid) = (user.credentials.uid, user.credentials.gid);
             std::fs::File::create(&console_log).map_err(log_error)?;
-            nix::unistd::chown(&console_log, Some(uid), Some(gid)).map_err(|err| log_error(err.into()))?;
+            user.give(&console_log).map_err(log_error)?;
         }
         None
     };

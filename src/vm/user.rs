@@ -24,14 +24,11 @@ use nix::unistd::{Gid, Uid, User};
 
 use super::Accel;
 use crate::config::{Profile, QemuUser};
-use crate::sys::Credentials;
+use crate::sys::{Credentials, KVM_DEVICE};
 
 /// Where the kernel keeps the lowest port an unprivileged process may bind, per network
 /// namespace.
 pub const UNPRIVILEGED_PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
-
-/// The device KVM is opened through.
-const KVM_DEVICE: &str = "/dev/kvm";
 
 /// The user QEMU runs as, when it is not root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +37,18 @@ pub struct RunAs {
     pub name: String,
     /// Its ids and groups, as QEMU gets them.
     pub credentials: Credentials,
+}
+
+impl RunAs {
+    /// Gives `path` (a file or directory vial made for QEMU) to this user and its group.
+    pub fn give(&self, path: &Path) -> std::io::Result<()> {
+        nix::unistd::chown(path, Some(self.credentials.uid), Some(self.credentials.gid)).map_err(Into::into)
+    }
+
+    /// Gives the open file `fd` (a pipe QEMU opens by its /proc path) to this user.
+    pub fn give_fd(&self, fd: impl std::os::fd::AsFd) -> std::io::Result<()> {
+        nix::unistd::fchown(fd, Some(self.credentials.uid), Some(self.credentials.gid)).map_err(Into::into)
+    }
 }
 
 /// The decision: QEMU's user (`None` is root) and, when `auto` kept root, why.
